@@ -1,0 +1,1 @@
+"""Built-in middleware, one file per YAML ``type``. See middleware/headers.py for the pattern."""

@@ -1,0 +1,89 @@
+"""Assembly: one object graph built from a Config — pools, router, chain, front, listener."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+from typing import Any
+
+from proxy.chain import Handler, compose
+from proxy.clock import Clock, MonotonicClock
+from proxy.config import Config
+from proxy.forward import Forwarder
+from proxy.registry import BuildContext
+from proxy.routing import Router
+from proxy.server.front import Front
+from proxy.server.h1 import H1Connection
+from proxy.upstream.base import Upstream
+from proxy.upstream.pool import H1Pool
+
+log = logging.getLogger("llm_sidecar")
+
+
+class App:
+    def __init__(
+        self,
+        config: Config,
+        loop: asyncio.AbstractEventLoop,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.loop = loop
+        self.clock = clock or MonotonicClock()
+        self.rng = rng or random.Random()
+        self.upstreams: dict[str, Upstream] = {
+            name: H1Pool(name, cfg, loop) for name, cfg in config.upstreams.items()
+        }
+        self.router = Router(config.routes)
+        self.middleware: list[Any] = []
+        handler = self._build_chain()
+        self.front = Front(handler, config.limits, self.clock, loop, config.listen.max_connections)
+        self.server: asyncio.Server | None = None
+
+    def _build_chain(self) -> Handler:
+        forwarder = Forwarder(self.router, self.upstreams, self.config.fallback_upstream, self.rng)
+        ctx = BuildContext(clock=self.clock, rng=self.rng, route_models=self.router.models)
+        self.middleware = [entry.factory(entry.config, ctx) for entry in self.config.middleware]
+        return compose(self.middleware, forwarder)
+
+    async def start(self) -> None:
+        listen = self.config.listen
+        self.server = await self.loop.create_server(
+            lambda: H1Connection(self.front),
+            listen.host,
+            listen.port,
+            backlog=listen.backlog,
+            reuse_address=True,
+        )
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self.server is not None
+        sock: socket.socket = self.server.sockets[0]
+        host, port = sock.getsockname()[:2]
+        return host, port
+
+    def describe(self) -> str:
+        """The one start-up line: address, routes and chain."""
+        host, port = self.address
+        shown = f"[{host}]" if ":" in host else host
+        routes = "; ".join(
+            f"{r.model} → " + ", ".join(f"{t.upstream}/{t.model} ({t.weight:g})" for t in r.targets)
+            for r in self.config.routes
+        )
+        chain = " → ".join([*(e.type for e in self.config.middleware), "forward"])
+        return f"llm-sidecar listening on http://{shown}:{port} | routes: {routes} | chain: {chain}"
+
+    async def stop(self, drain_s: float = 10.0) -> None:
+        if self.server is not None:
+            self.server.close()
+        await self.front.drain(drain_s)
+        for upstream in self.upstreams.values():
+            await upstream.close()
+        for mw in self.middleware:
+            aclose = getattr(mw, "aclose", None)
+            if aclose is not None:
+                await aclose()

@@ -1,0 +1,94 @@
+"""Command line: ``llm-sidecar [--config FILE]`` serves; ``llm-sidecar check-config FILE`` checks."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+
+from proxy import __version__
+from proxy.app import App
+from proxy.config import Config
+from proxy.config_loader import ConfigError, load_config
+from proxy.sdnotify import Notifier
+
+log = logging.getLogger("llm_sidecar")
+
+EXIT_CONFIG = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "check-config":
+        return check_config(args.file)
+    return serve(args.config)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="llm-sidecar", description="OpenAI-compatible sidecar reverse proxy for LLM backends."
+    )
+    p.add_argument("--version", action="version", version=f"llm-sidecar {__version__}")
+    p.add_argument("--config", "-c", default="config.yaml", help="YAML config (default: ./config.yaml)")
+    sub = p.add_subparsers(dest="command")
+    sub.add_parser("serve", help="serve until SIGINT/SIGTERM (the default)")
+    check = sub.add_parser(
+        "check-config", help="validate a config file: exit 0, or print problems and exit 2"
+    )
+    check.add_argument("file")
+    return p
+
+
+def check_config(path: str) -> int:
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_CONFIG
+    chain = " → ".join([*(m.type for m in config.middleware), "forward"])
+    print(f"{path}: OK ({len(config.routes)} routes, {len(config.upstreams)} upstreams; chain: {chain})")
+    return 0
+
+
+def serve(path: str) -> int:
+    started = time.monotonic()
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        print(f"llm-sidecar: not starting, the config has problems:\n{e}", file=sys.stderr)
+        return EXIT_CONFIG
+    logging.basicConfig(
+        level=config.log.level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    import uvloop
+
+    try:
+        return int(uvloop.run(_serve(config, started)))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def _serve(config: Config, started: float) -> int:
+    loop = asyncio.get_running_loop()
+    app = App(config, loop)
+    try:
+        await app.start()
+    except OSError as e:
+        log.error("cannot listen on %s: %s", config.listen.address, e.strerror or e)
+        return 1
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("%s (ready in %.0f ms)", app.describe(), (time.monotonic() - started) * 1000)
+    notifier = Notifier()
+    notifier.notify("READY=1")
+    watchdog = loop.create_task(notifier.watchdog())
+    await stop.wait()
+    log.info("stopping: finishing in-flight requests")
+    notifier.notify("STOPPING=1")
+    watchdog.cancel()
+    await app.stop()
+    return 0

@@ -1,0 +1,199 @@
+"""Typed configuration: frozen dataclasses built from YAML by ``proxy.config_loader``.
+
+Field metadata drives validation and the reference in README.md:
+``help`` (one line), ``min`` / ``max`` (inclusive bounds for numbers), ``min_len`` (strings/lists).
+Cross-field rules live in ``validate()`` methods returning ``(relative dotted path, message)`` pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+
+def opt(default: Any, help: str, **rules: Any) -> Any:
+    """A config field with a default, a help line and validation rules."""
+    if isinstance(default, dict | list):
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata={"help": help, **rules})
+    return field(default=default, metadata={"help": help, **rules})
+
+
+def req(help: str, **rules: Any) -> Any:
+    """A required config field."""
+    return field(metadata={"help": help, **rules})
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    address: str = opt("127.0.0.1:8080", "host:port to listen on ([::1]:8080 for IPv6)")
+    backlog: int = opt(1024, "listen(2) backlog", min=1)
+    max_connections: int = opt(4096, "client connections served at once; more are closed", min=1)
+
+    def validate(self) -> list[tuple[str, str]]:
+        try:
+            split_host_port(self.address)
+        except ValueError as e:
+            return [("address", str(e))]
+        return []
+
+    @property
+    def host(self) -> str:
+        return split_host_port(self.address)[0]
+
+    @property
+    def port(self) -> int:
+        return split_host_port(self.address)[1]
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_header_bytes: int = opt(65536, "request line + headers; larger gets 431", min=256)
+    max_body_bytes: int = opt(8 * 1024 * 1024, "request body; larger gets 413", min=1)
+    header_timeout_s: float = opt(10.0, "time to receive a request's headers; then 408", min=0.001)
+    body_timeout_s: float = opt(60.0, "time to receive a request's body after its headers", min=0.001)
+    keepalive_timeout_s: float = opt(75.0, "idle client connection is closed after this", min=0.001)
+    max_pipelined: int = opt(16, "parsed-but-unanswered requests per connection", min=1)
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    url: str = req("base URL: http://host:port or https://host[:port][/prefix]")
+    api_key: str = opt("", "sent as 'Authorization: Bearer …', replacing the client's credential")
+    max_connections: int = opt(128, "connections open to this upstream at once", min=1)
+    max_idle: int = opt(32, "idle keep-alive connections kept", min=0)
+    idle_timeout_s: float = opt(
+        4.0, "close idle pooled connections after this (below the backend's own keep-alive)", min=0.0
+    )
+    max_pending: int = opt(1024, "requests waiting for a connection; more get 503", min=0)
+    pool_timeout_s: float = opt(10.0, "wait for a free connection before 503", min=0.0)
+    connect_timeout_s: float = opt(5.0, "TCP (+TLS) connect; then 502", min=0.001)
+    first_byte_timeout_s: float = opt(
+        600.0, "request sent → response head; non-streaming LLM calls need long; then 504", min=0.001
+    )
+    read_timeout_s: float = opt(120.0, "longest gap between body chunks; then the stream is cut", min=0.001)
+
+    def validate(self) -> list[tuple[str, str]]:
+        try:
+            parse_upstream_url(self.url)
+        except ValueError as e:
+            return [("url", str(e))]
+        return []
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    upstream: str = req("name of an entry under `upstreams`")
+    model: str = req("model name sent to that upstream", min_len=1)
+    weight: float = opt(1.0, "share of traffic, relative to the route's other targets", min=0.0)
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    model: str = req("model name the client sends", min_len=1)
+    targets: tuple[TargetConfig, ...] = req("where requests for this model go", min_len=1)
+
+    def validate(self) -> list[tuple[str, str]]:
+        if self.targets and sum(t.weight for t in self.targets) <= 0:
+            return [("targets", "at least one target needs a weight > 0")]
+        return []
+
+
+@dataclass(frozen=True)
+class MiddlewareEntry:
+    """One ``middleware:`` item: its ``type`` and the already-built config of that middleware."""
+
+    type: str
+    config: Any  # the middleware's own frozen config dataclass
+    factory: Any  # the class named by ``type``, resolved through proxy.registry
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: Literal["debug", "info", "warning", "error"] = opt("info", "log level")
+    access_log: bool = opt(False, "one line per request (costs CPU on the hot path)")
+
+
+@dataclass(frozen=True)
+class Config:
+    upstreams: dict[str, UpstreamConfig] = req("named backends", min_len=1)
+    routes: tuple[RouteConfig, ...] = req("client model name → targets", min_len=1)
+    listen: ListenConfig = opt(ListenConfig(), "where the sidecar listens")
+    limits: LimitsConfig = opt(LimitsConfig(), "client-side limits and timeouts")
+    default_upstream: str | None = opt(
+        None, "upstream for requests that name no model (files, batches); defaults to the only one"
+    )
+    middleware: tuple[MiddlewareEntry, ...] = opt((), "the chain, in order")
+    log: LogConfig = opt(LogConfig(), "logging")
+    source: str = field(default="<memory>", compare=False)  # the file it came from
+
+    def validate(self) -> list[tuple[str, str]]:
+        problems: list[tuple[str, str]] = []
+        seen: dict[str, int] = {}
+        for i, route in enumerate(self.routes):
+            if route.model in seen:
+                problems.append((f"routes[{i}].model", f"duplicate of routes[{seen[route.model]}].model"))
+            seen.setdefault(route.model, i)
+            for j, t in enumerate(route.targets):
+                if t.upstream not in self.upstreams:
+                    problems.append(
+                        (
+                            f"routes[{i}].targets[{j}].upstream",
+                            f"unknown upstream {t.upstream!r}; known: {', '.join(sorted(self.upstreams))}",
+                        )
+                    )
+        if self.default_upstream is not None and self.default_upstream not in self.upstreams:
+            problems.append(("default_upstream", f"unknown upstream {self.default_upstream!r}"))
+        return problems
+
+    @property
+    def fallback_upstream(self) -> str | None:
+        """Where a request without a model goes: ``default_upstream``, else the only upstream."""
+        if self.default_upstream is not None:
+            return self.default_upstream
+        if len(self.upstreams) == 1:
+            return next(iter(self.upstreams))
+        return None
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"must be host:port, got {address!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"port must be a number 0-65535, got {port!r}")
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class UpstreamAddress:
+    scheme: Literal["http", "https"]
+    host: str
+    port: int
+    prefix: bytes  # path prefix without trailing slash, e.g. b"" or b"/openai"
+    host_header: bytes
+
+
+def parse_upstream_url(url: str) -> UpstreamAddress:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"scheme must be http or https, got {url!r}")
+    if not parts.hostname:
+        raise ValueError(f"has no host: {url!r}")
+    if parts.query or parts.fragment or parts.username:
+        raise ValueError(f"must not carry a query, fragment or credentials: {url!r}")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise ValueError(f"has a bad port: {url!r}") from None
+    scheme: Literal["http", "https"] = "https" if parts.scheme == "https" else "http"
+    return UpstreamAddress(
+        scheme=scheme,
+        host=parts.hostname,
+        port=port,
+        prefix=parts.path.rstrip("/").encode(),
+        host_header=parts.netloc.rsplit("@", 1)[-1].encode(),
+    )

@@ -1,0 +1,132 @@
+"""Typed errors. Each knows its HTTP status and OpenAI error ``type``/``code``.
+
+They are turned into the OpenAI error shape ``{"error": {"message", "type", "param", "code"}}``
+in exactly one place, :func:`error_body`, which every front uses.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+
+class ProxyError(Exception):
+    """An error the client should see, OpenAI-shaped."""
+
+    status = 500
+    type = "server_error"
+    code: str | None = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers or []
+
+
+class InvalidRequest(ProxyError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class MalformedHttp(InvalidRequest):
+    """Bad framing: the connection is closed after the answer."""
+
+    code = "malformed_request"
+
+
+class NotFound(ProxyError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class MethodNotAllowed(ProxyError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class RequestTimeout(ProxyError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
+class PayloadTooLarge(ProxyError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class HeadersTooLarge(ProxyError):
+    status = 431
+    type = "invalid_request_error"
+    code = "headers_too_large"
+
+
+class UpstreamError(ProxyError):
+    """The upstream could not give an answer."""
+
+    status = 502
+    type = "server_error"
+    code = "upstream_error"
+
+
+class UpstreamConnectError(UpstreamError):
+    """Could not connect: the request never reached the upstream (always safe to retry)."""
+
+    code = "upstream_unavailable"
+
+
+class UpstreamClosed(UpstreamError):
+    """The connection closed or reset before a full response head arrived."""
+
+    code = "upstream_unavailable"
+
+    def __init__(self, message: str, *, sent_nothing_new: bool = False) -> None:
+        super().__init__(message)
+        # True when a *reused* keep-alive connection died before any response byte: the upstream
+        # closed it while idle, so the request is re-sent once on a fresh connection.
+        self.stale = sent_nothing_new
+
+
+class UpstreamProtocolError(UpstreamError):
+    code = "upstream_protocol_error"
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+    type = "server_error"
+    code = "upstream_timeout"
+
+
+class UpstreamUnavailable(ProxyError):
+    """No connection could be had in time (pool exhausted) or no target can serve."""
+
+    status = 503
+    type = "server_error"
+    code = "upstream_unavailable"
+
+
+def error_body(err: ProxyError) -> bytes:
+    return orjson.dumps(
+        {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
+    )
+
+
+def internal_error() -> ProxyError:
+    return ProxyError("the sidecar failed to handle this request; see its log")

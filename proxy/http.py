@@ -1,0 +1,192 @@
+"""Protocol-agnostic request and response types shared by the fronts, the chain and the upstreams.
+
+Header names are lower-case ``bytes`` and values ``bytes``: both HTTP parsers (httptools, h2) hand
+us bytes and we write bytes, so the hot path never encodes or decodes a header it does not read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from typing import Any, Protocol
+
+import orjson
+
+from proxy.errors import InvalidRequest
+
+# Hop-by-hop headers (RFC 9110 §7.6.1) plus framing headers that each side computes for itself.
+HOP_BY_HOP: frozenset[bytes] = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"http2-settings",
+    }
+)
+
+
+class Headers(list[tuple[bytes, bytes]]):
+    """An ordered multi-map of (lower-case name, value). A plain list, so iteration stays cheap."""
+
+    __slots__ = ()
+
+    def get(self, name: bytes, default: bytes | None = None) -> bytes | None:
+        for k, v in self:
+            if k == name:
+                return v
+        return default
+
+    def get_all(self, name: bytes) -> list[bytes]:
+        return [v for k, v in self if k == name]
+
+    def remove(self, name: bytes) -> None:  # type: ignore[override]
+        """Drop every header called ``name`` (unlike list.remove, which drops one element)."""
+        self[:] = [(k, v) for k, v in self if k != name]
+
+    def set(self, name: bytes, value: bytes) -> None:
+        self.remove(name)
+        self.append((name, value))
+
+    def add(self, name: bytes, value: bytes) -> None:
+        self.append((name, value))
+
+    @classmethod
+    def of(cls, items: Iterable[tuple[bytes, bytes]]) -> Headers:
+        return cls((k.lower(), v) for k, v in items)
+
+
+class RequestContext:
+    """Per-request state that middleware read and write. Nothing per request lives anywhere else."""
+
+    __slots__ = (
+        "attempt",
+        "client",
+        "disconnected",
+        "extra",
+        "identity",
+        "request_id",
+        "started",
+        "target",
+        "tenant",
+    )
+
+    def __init__(self, request_id: bytes, client: str, started: float) -> None:
+        self.request_id = request_id
+        self.client = client  # "host:port" of the peer
+        self.started = started  # clock time the request was complete
+        self.identity: str | None = None  # API key id, set by auth
+        self.tenant: str | None = None  # tenant id, set by auth
+        self.target: Any = None  # proxy.routing.Target chosen for this attempt (canary/retry may set it)
+        self.attempt = 0
+        self.disconnected = False  # set by the front when the client goes away
+        self.extra: dict[str, Any] = {}  # free space for user middleware
+
+
+class Request:
+    """A complete client request. The body is small JSON (capped by limits.max_body_bytes)."""
+
+    __slots__ = ("_json", "body", "ctx", "headers", "method", "path", "query", "raw_target")
+
+    def __init__(
+        self,
+        method: str,
+        raw_target: bytes,
+        headers: Headers,
+        body: bytes,
+        ctx: RequestContext,
+    ) -> None:
+        self.method = method
+        self.raw_target = raw_target  # path + query exactly as the client sent it
+        q = raw_target.find(b"?")
+        if q < 0:
+            self.path = raw_target.decode("latin-1")
+            self.query = ""
+        else:
+            self.path = raw_target[:q].decode("latin-1")
+            self.query = raw_target[q + 1 :].decode("latin-1")
+        self.headers = headers
+        self.body = body
+        self.ctx = ctx
+        self._json: Any = _UNPARSED
+
+    def header(self, name: bytes) -> bytes | None:
+        return self.headers.get(name)
+
+    def json(self) -> Any:
+        """The body parsed as JSON, once. Raises InvalidRequest (400) when it is not JSON."""
+        if self._json is _UNPARSED:
+            try:
+                self._json = orjson.loads(self.body)
+            except orjson.JSONDecodeError as e:
+                raise InvalidRequest(f"request body is not valid JSON: {e}") from None
+        return self._json
+
+    def set_json(self, value: Any) -> None:
+        """Replace the body with ``value`` serialized (used by the model rewrite and middleware)."""
+        self._json = value
+        self.body = orjson.dumps(value)
+
+    @property
+    def is_json(self) -> bool:
+        ct = self.headers.get(b"content-type")
+        return ct is None or ct.startswith(b"application/json") or b"+json" in ct
+
+
+_UNPARSED: Any = object()
+
+
+class Response:
+    """Status, headers and a body not yet sent: ``bytes``, or an async iterator of ``bytes``.
+
+    Only the front writes to the client, so a middleware may replace a response until the front
+    has it. A middleware that changes the length of a streamed body must drop ``content-length``.
+    """
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, headers: Headers, body: bytes | AsyncIterator[bytes]) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    @classmethod
+    def json(cls, status: int, payload: Any, headers: Headers | None = None) -> Response:
+        h = headers if headers is not None else Headers()
+        h.append((b"content-type", b"application/json"))
+        return cls(status, h, orjson.dumps(payload))
+
+
+class BodySink(Protocol):
+    """Where a pipeable body pushes its chunks (a front's connection or stream)."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def finish(self) -> None: ...
+
+    def fail(self, exc: BaseException) -> None: ...
+
+
+class PipeableBody(Protocol):
+    """A streamed body the front may pipe straight into its transport, callbacks only.
+
+    ``pipe`` replays what was buffered, then pushes each chunk as it arrives. The front calls
+    ``pause_producing`` / ``resume_producing`` for backpressure and ``abort`` when the client left.
+    It is also an async iterator, for middleware that wrap it.
+    """
+
+    def pipe(self, sink: BodySink) -> None: ...
+
+    def pause_producing(self) -> None: ...
+
+    def resume_producing(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    async def __anext__(self) -> bytes: ...

@@ -1,0 +1,56 @@
+"""Finds middleware classes by their YAML ``type``: a built-in name or ``package.module:Class``.
+
+``proxy`` never imports ``middleware`` statically: built-ins are named here as import strings.
+A middleware class has a ``Config`` attribute (a frozen dataclass the loader builds from the YAML
+entry) and is constructed as ``Class(config, build_context)``; see middleware/headers.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.clock import Clock
+
+BUILTIN: dict[str, str] = {
+    "headers": "middleware.headers:HeadersMiddleware",
+}
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a middleware may use when it is constructed."""
+
+    clock: Clock
+    rng: random.Random
+    route_models: tuple[str, ...]
+
+
+def resolve(type_name: str) -> Any:
+    """The middleware class for ``type_name``. Raises ValueError with a message for the user."""
+    spec = BUILTIN.get(type_name)
+    if spec is None:
+        if ":" not in type_name:
+            raise ValueError(
+                f"unknown middleware type {type_name!r}; built-in: {', '.join(sorted(BUILTIN))}; "
+                "or 'package.module:Class' for your own"
+            )
+        spec = type_name
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"cannot import {module_name!r} for middleware {type_name!r}: {e}") from None
+    cls = getattr(module, attr, None)
+    if cls is None:
+        raise ValueError(f"module {module_name!r} has no attribute {attr!r}")
+    cfg = getattr(cls, "Config", None)
+    if cfg is None or not dataclasses.is_dataclass(cfg):
+        raise ValueError(f"{spec} must have a 'Config' dataclass attribute (see middleware/headers.py)")
+    if not isinstance(cls, type) or not inspect.iscoroutinefunction(cls.__call__):
+        raise ValueError(f"{spec} is not callable as 'async def __call__(self, request, next)'")
+    return cls

@@ -1,0 +1,451 @@
+"""The HTTP/1.1 front: an asyncio.Protocol on httptools (llhttp).
+
+A callback per parsed message; a task per request only to run the chain; the response head and
+a bytes body go out in one write; a streamed upstream body is piped into the transport by
+callbacks (``BodySink``), with pause/resume reading for backpressure both ways.
+
+Requests are answered in order (pipelining): parsed requests wait in ``_queue`` (at most
+``limits.max_pipelined``, then reading pauses). Timeouts use one timer per connection that
+looks at ``_deadline``; moving a deadline is a float store, so the hot path arms no timers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from proxy.errors import (
+    HeadersTooLarge,
+    MalformedHttp,
+    PayloadTooLarge,
+    ProxyError,
+    RequestTimeout,
+    internal_error,
+)
+from proxy.http import Headers, PipeableBody, Request, RequestContext, Response
+from proxy.server.front import error_response, status_line
+from proxy.upstream.h1 import UpstreamBody
+
+if TYPE_CHECKING:
+    from proxy.server.front import Front
+
+log = logging.getLogger("llm_sidecar.front")
+
+INF = float("inf")
+# Connection phases, for the timeout that applies.
+IDLE, HEADERS, BODY, BUSY = 0, 1, 2, 3
+H2_PREFACE = b"PRI * HTTP/2.0"
+
+_Item = tuple[Request, bool, bool]  # (request, keep_alive, http11)
+
+
+class _Closed(Exception):
+    pass
+
+
+class H1Connection(asyncio.Protocol):
+    def __init__(self, front: Front) -> None:
+        self.front = front
+        self.loop = front.loop
+        self.limits = front.limits
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.parser = httptools.HttpRequestParser(self)
+        self.closed = False
+        self._queue: deque[_Item | ProxyError] = deque()
+        self._busy = False  # a response is being produced or written
+        self._reading_paused = False
+        self._stop_parsing = False
+        self._close_after = False  # graceful shutdown asked us to close when idle
+        self._task: asyncio.Task[None] | None = None
+        self._producer: PipeableBody | None = None  # the body being piped to us
+        self._chunked = False  # current streamed response uses chunked framing
+        self._keep_alive = True  # of the response being written
+        self._write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._phase = IDLE
+        self._deadline = INF
+        self._deadline_phase = IDLE  # the phase the current deadline was set for
+        self._timer: asyncio.TimerHandle | None = None
+        self._new_message()
+
+    def _new_message(self) -> None:
+        self._url = b""
+        self._headers = Headers()
+        self._header_bytes = 0
+        self._body: list[bytes] = []
+        self._body_bytes = 0
+
+    # -- asyncio.Protocol ------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but they are transports.
+        self.transport = t = cast(asyncio.Transport, transport)
+        peer = t.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        front = self.front
+        if len(front.connections) >= front.max_connections or front.shutting_down:
+            t.abort()
+            self.closed = True
+            return
+        front.connections.add(self)
+        self._set_deadline(self.limits.keepalive_timeout_s, IDLE)
+
+    def data_received(self, data: bytes) -> None:
+        if self._stop_parsing:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            # We do not switch protocols: the request was served as plain HTTP/1.1 (RFC 9110
+            # §7.8 lets a server ignore Upgrade). Keep parsing what followed with a new parser.
+            self.parser = httptools.HttpRequestParser(self)
+            rest = data[int(e.args[0]) :] if e.args and isinstance(e.args[0], int) else b""
+            if rest:
+                self.data_received(rest)
+            return
+        except httptools.HttpParserCallbackError as e:
+            ctx = e.__context__
+            if isinstance(ctx, ProxyError):
+                self._reject(ctx)
+            else:
+                log.exception("bug while parsing a request from %s", self.peer)
+                self._reject(internal_error())
+            return
+        except httptools.HttpParserError as e:
+            if data.startswith(H2_PREFACE):
+                self._reject(MalformedHttp("HTTP/2 is not enabled on this listener"))
+            else:
+                self._reject(MalformedHttp(f"malformed HTTP request: {e}"))
+            return
+        phase = self._phase
+        if (phase in (HEADERS, BODY)) and self._deadline_phase != phase:
+            # A request is half-received: give it the header/body timeout (only armed when a
+            # request spans reads, so whole-packet requests never touch the timer).
+            limits = self.limits
+            self._set_deadline(limits.header_timeout_s if phase == HEADERS else limits.body_timeout_s, phase)
+
+    def eof_received(self) -> bool | None:
+        # Like nginx: a client that half-closes while we answer has given up on the answer.
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.front.connections.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        producer = self._producer
+        if producer is not None:
+            self._producer = None
+            producer.abort()
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+        for item in self._queue:
+            if isinstance(item, tuple):
+                item[0].ctx.disconnected = True
+        self._queue.clear()
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_exception(_Closed())
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self._producer is not None:
+            self._producer.pause_producing()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._producer is not None:
+            self._producer.resume_producing()
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    # -- httptools callbacks ---------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._phase = HEADERS
+        self._new_message()
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._header_bytes += len(url)
+        if self._header_bytes > self.limits.max_header_bytes:
+            raise HeadersTooLarge("request line and headers are too large")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > self.limits.max_header_bytes:
+            raise HeadersTooLarge(
+                f"request headers exceed {self.limits.max_header_bytes} bytes (limits.max_header_bytes)"
+            )
+        self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        self._phase = BODY
+        headers = self._headers
+        te = headers.get(b"transfer-encoding")
+        if te is not None and te.strip().lower() != b"chunked":
+            raise MalformedHttp("only 'Transfer-Encoding: chunked' is supported in requests")
+        cl = headers.get(b"content-length")
+        if cl is not None and int(cl) > self.limits.max_body_bytes:
+            raise self._too_large()
+        expect = headers.get(b"expect")
+        if expect is not None:
+            if expect.lower() != b"100-continue":
+                raise MalformedHttp("unsupported Expect header")
+            if not self._busy and not self._queue and self.transport is not None:
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, chunk: bytes) -> None:
+        self._body_bytes += len(chunk)
+        if self._body_bytes > self.limits.max_body_bytes:
+            raise self._too_large()
+        self._body.append(chunk)
+
+    def on_message_complete(self) -> None:
+        parser = self.parser
+        body = self._body
+        ctx = RequestContext(self.front.next_request_id(), self.peer, self.loop.time())
+        headers = self._headers
+        rid = headers.get(b"x-request-id")
+        if rid is None or len(rid) > 200:
+            headers.append((b"x-request-id", ctx.request_id))
+        else:
+            ctx.request_id = rid
+        request = Request(
+            parser.get_method().decode(),
+            self._url,
+            headers,
+            body[0] if len(body) == 1 else b"".join(body),
+            ctx,
+        )
+        item = (request, parser.should_keep_alive(), parser.get_http_version() == "1.1")
+        self._phase = BUSY
+        self._deadline = INF
+        self._deadline_phase = BUSY
+        if self._busy:
+            self._queue.append(item)
+            if len(self._queue) >= self.limits.max_pipelined and not self._reading_paused:
+                self._reading_paused = True
+                if self.transport is not None:
+                    self.transport.pause_reading()
+        else:
+            self._dispatch(item)
+
+    def _too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(
+            f"request body exceeds {self.limits.max_body_bytes} bytes (limits.max_body_bytes)"
+        )
+
+    # -- answering -------------------------------------------------------------------------------
+    def _dispatch(self, item: _Item | ProxyError) -> None:
+        self._busy = True
+        if isinstance(item, ProxyError):
+            self._keep_alive = False
+            self._write_whole(error_response(item), None, http11=True)
+            return
+        request, keep_alive, http11 = item
+        self._keep_alive = keep_alive and not self._close_after
+        local = self.front.local.get(request.raw_target)
+        if local is not None and request.method == "GET":
+            resp = Response(200, Headers([(b"content-type", b"application/json")]), local)
+            self._write_whole(resp, request, http11)
+            return
+        self._task = self.loop.create_task(self._run(request, http11))
+
+    async def _run(self, request: Request, http11: bool) -> None:
+        try:
+            response = await self.front.handler(request)
+        except ProxyError as e:
+            response = error_response(e)
+        except asyncio.CancelledError:
+            return  # the client went away; connection_lost has cleaned up
+        except Exception:
+            log.exception("unhandled error for %s %s", request.method, request.path)
+            response = error_response(internal_error())
+        if self.closed:
+            _discard_body(response)
+            return
+        body = response.body
+        if isinstance(body, bytes):
+            self._write_whole(response, request, http11)
+        elif type(body) is UpstreamBody:
+            self._write_head(response, request, body.length, http11)
+            self._producer = body
+            body.pipe(self)  # finish() / fail() complete the response, from upstream callbacks
+        else:
+            self._write_head(response, request, None, http11)
+            await self._write_iter(body)
+
+    def _write_whole(self, response: Response, request: Request | None, http11: bool) -> None:
+        body = response.body
+        assert isinstance(body, bytes)
+        head = self._head(response, request, b"content-length: %d\r\n" % len(body), http11)
+        if self.transport is not None:
+            if request is not None and request.method == "HEAD":
+                self.transport.write(head)
+            else:
+                self.transport.write(head + body)
+        self._response_done()
+
+    def _write_head(self, response: Response, request: Request, length: int | None, http11: bool) -> None:
+        if length is not None:
+            framing = b"content-length: %d\r\n" % length
+            self._chunked = False
+        elif http11:
+            framing = b"transfer-encoding: chunked\r\n"
+            self._chunked = True
+        else:  # an HTTP/1.0 client: the body ends when the connection does
+            framing = b""
+            self._chunked = False
+            self._keep_alive = False
+        if self.transport is not None:
+            self.transport.write(self._head(response, request, framing, http11))
+
+    def _head(self, response: Response, request: Request | None, framing: bytes, http11: bool) -> bytes:
+        parts = [status_line(response.status)]
+        parts.extend(b"%b: %b\r\n" % kv for kv in response.headers)
+        if request is not None:
+            parts.append(b"x-request-id: %b\r\n" % request.ctx.request_id)
+        parts.append(framing)
+        if not self._keep_alive:
+            parts.append(b"connection: close\r\n")
+        elif not http11:
+            parts.append(b"connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    async def _write_iter(self, body: AsyncIterator[bytes]) -> None:
+        try:
+            async for chunk in body:
+                if chunk:
+                    self.write(chunk)
+                if self._write_paused and not self.closed:
+                    self._drain = self.loop.create_future()
+                    await self._drain
+        except (asyncio.CancelledError, _Closed):
+            await _aclose(body)
+            return
+        except Exception as e:
+            await _aclose(body)
+            self.fail(e)
+            return
+        self.finish()
+
+    # -- BodySink (a piped or iterated streamed body) ----------------------------------------------
+    def write(self, data: bytes) -> None:
+        if self.transport is None or self.closed:
+            return
+        if self._chunked:
+            self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            self.transport.write(data)
+
+    def finish(self) -> None:
+        self._producer = None
+        if self._chunked and self.transport is not None and not self.closed:
+            self.transport.write(b"0\r\n\r\n")
+        self._response_done()
+
+    def fail(self, exc: BaseException) -> None:
+        """The upstream failed mid-body: the client must not mistake the cut for the end, so the
+        connection closes without the final chunk (or short of Content-Length)."""
+        self._producer = None
+        if not isinstance(exc, ProxyError | asyncio.CancelledError):
+            log.error("stream to %s failed: %r", self.peer, exc)
+        self._keep_alive = False
+        self._busy = False
+        self.abort()
+
+    # -- connection management -------------------------------------------------------------------
+    def _response_done(self) -> None:
+        self._busy = False
+        self._task = None
+        if not self._keep_alive:
+            self._close()
+            return
+        if self._queue:
+            self._dispatch(self._queue.popleft())
+            if self._reading_paused and len(self._queue) < self.limits.max_pipelined:
+                self._reading_paused = False
+                if self.transport is not None:
+                    self.transport.resume_reading()
+            return
+        if self._close_after:
+            self._close()
+            return
+        if self._phase == BUSY:
+            self._phase = IDLE
+            self._set_deadline(self.limits.keepalive_timeout_s, IDLE)
+
+    def _reject(self, err: ProxyError) -> None:
+        """Malformed or over-limit input: answer (after what is in flight) and close."""
+        self._stop_parsing = True
+        self._phase = BUSY
+        self._deadline = INF
+        self._deadline_phase = BUSY
+        if self.transport is not None:
+            self.transport.pause_reading()
+        if self._busy:
+            self._queue.append(err)
+        else:
+            self._dispatch(err)
+
+    def close_when_idle(self) -> None:
+        self._close_after = True
+        if not self._busy and not self._queue:
+            self._close()
+
+    def _close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+
+    # -- timeouts --------------------------------------------------------------------------------
+    def _set_deadline(self, seconds: float, phase: int) -> None:
+        deadline = self.loop.time() + seconds
+        self._deadline = deadline
+        self._deadline_phase = phase
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        deadline = self._deadline
+        if deadline == INF or self.closed:
+            return
+        if self.loop.time() < deadline:
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+            return
+        if self._phase == IDLE:
+            self._close()  # keep-alive timeout: nothing to say
+        else:
+            what = "headers" if self._phase == HEADERS else "body"
+            self._reject(RequestTimeout(f"the client took too long to send the request {what}"))
+
+
+async def _aclose(body: AsyncIterator[bytes]) -> None:
+    aclose = getattr(body, "aclose", None)
+    if aclose is not None:
+        try:
+            await aclose()
+        except Exception:
+            log.debug("error closing a response body", exc_info=True)
+
+
+def _discard_body(response: Response) -> None:
+    body = response.body
+    if not isinstance(body, bytes):
+        abort = getattr(body, "abort", None)
+        if abort is not None:
+            abort()

@@ -1,0 +1,332 @@
+"""One pooled HTTP/1.1 connection to an upstream, parsed with httptools (llhttp).
+
+An exchange: ``exchange(data)`` writes the whole request in one call and waits for the response
+head. If the whole response arrived with it (the usual non-streaming case), the body comes back
+as ``bytes`` and the connection is already back in the pool; otherwise an :class:`UpstreamBody`
+streams the rest, by callbacks into the front (``pipe``) or as an async iterator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from proxy.errors import UpstreamClosed, UpstreamProtocolError, UpstreamTimeout
+from proxy.http import BodySink, Headers
+from proxy.upstream.base import RESPONSE_DROP
+
+if TYPE_CHECKING:
+    from proxy.upstream.pool import H1Pool
+
+# Iterator mode: stop reading the upstream above this many buffered bytes, resume below LOW.
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+
+
+class UpstreamBody:
+    """The rest of a streamed upstream response. Either piped (callbacks) or iterated, not both."""
+
+    __slots__ = ("_buf", "_buffered", "_conn", "_done", "_exc", "_paused", "_sink", "_waiter", "length")
+
+    def __init__(self, conn: H1Connection, first: list[bytes], length: int | None) -> None:
+        self._conn = conn
+        self._buf: deque[bytes] = deque(first)
+        self._buffered = sum(len(c) for c in first)
+        self._sink: BodySink | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._done = False
+        self._exc: BaseException | None = None
+        self._paused = False
+        self.length = length  # Content-Length of the upstream response, None when chunked
+
+    # -- fed by the connection -------------------------------------------------------------------
+    def feed(self, chunk: bytes) -> None:
+        sink = self._sink
+        if sink is not None:
+            sink.write(chunk)
+            return
+        self._buf.append(chunk)
+        self._buffered += len(chunk)
+        self._wake()
+        if self._buffered > HIGH_WATER and not self._paused:
+            self._paused = True
+            self._conn.pause_reading()
+
+    def end(self, exc: BaseException | None) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._exc = exc
+        sink = self._sink
+        if sink is not None:
+            if exc is None:
+                sink.finish()
+            else:
+                sink.fail(exc)
+        else:
+            self._wake()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    # -- PipeableBody ----------------------------------------------------------------------------
+    def pipe(self, sink: BodySink) -> None:
+        self._sink = sink
+        while self._buf:
+            sink.write(self._buf.popleft())
+        self._buffered = 0
+        if self._done:
+            if self._exc is None:
+                sink.finish()
+            else:
+                sink.fail(self._exc)
+        elif self._paused:
+            self._paused = False
+            self._conn.resume_reading()
+
+    def pause_producing(self) -> None:
+        if not self._done:
+            self._conn.pause_reading()
+
+    def resume_producing(self) -> None:
+        if not self._done:
+            self._conn.resume_reading()
+
+    def abort(self) -> None:
+        """The client went away: close the upstream connection so the backend stops generating."""
+        if not self._done:
+            self._done = True
+            self._exc = asyncio.CancelledError()
+            self._conn.abort()
+
+    # -- async iterator --------------------------------------------------------------------------
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while not self._buf:
+            if self._done:
+                if self._exc is not None:
+                    raise self._exc
+                raise StopAsyncIteration
+            self._waiter = self._conn.loop.create_future()
+            try:
+                await self._waiter
+            except asyncio.CancelledError:
+                self.abort()
+                raise
+            finally:
+                self._waiter = None
+        chunk = self._buf.popleft()
+        self._buffered -= len(chunk)
+        if self._paused and self._buffered < LOW_WATER:
+            self._paused = False
+            self._conn.resume_reading()
+        return chunk
+
+    async def aclose(self) -> None:
+        self.abort()
+
+
+class H1Connection(asyncio.Protocol):
+    """An asyncio protocol for one upstream connection; at most one exchange at a time."""
+
+    def __init__(self, pool: H1Pool, loop: asyncio.AbstractEventLoop) -> None:
+        self.pool = pool
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.reused = False  # served an exchange before: a failure may be a stale keep-alive
+        self.idle_since = 0.0
+        self._waiter: asyncio.Future[tuple[int, Headers, bytes | UpstreamBody]] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._head_only = False
+        self._reset_exchange()
+
+    def _reset_exchange(self) -> None:
+        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._status = 0
+        self._head_done = False
+        self._complete = False
+        self._early: list[bytes] = []  # body bytes that came with the head
+        self._body: UpstreamBody | None = None
+        self._got_bytes = False
+        self._active = False  # any bytes since the read-timeout timer last looked
+        self._keep_alive = True
+        self._length: int | None = None
+
+    # -- exchange ----------------------------------------------------------------------------------
+    async def exchange(self, data: bytes, head_only: bool) -> tuple[int, Headers, bytes | UpstreamBody]:
+        transport = self.transport
+        if self.closed or transport is None or transport.is_closing():
+            raise UpstreamClosed("upstream connection closed", sent_nothing_new=True)
+        self._reset_exchange()
+        self._head_only = head_only
+        waiter: asyncio.Future[tuple[int, Headers, bytes | UpstreamBody]] = self.loop.create_future()
+        self._waiter = waiter
+        transport.write(data)
+        self._timer = self.loop.call_later(self.pool.cfg.first_byte_timeout_s, self._on_head_timeout)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            self.abort()  # the client left before the head came: stop the backend's work
+            raise
+        finally:
+            self._waiter = None
+
+    def _on_head_timeout(self) -> None:
+        self._timer = None
+        self._fail(UpstreamTimeout(f"upstream {self.pool.name!r} sent no response in time"))
+
+    def _on_read_timeout(self) -> None:
+        self._timer = None
+        if self._active:
+            self._active = False
+            self._timer = self.loop.call_later(self.pool.cfg.read_timeout_s, self._on_read_timeout)
+            return
+        self._fail(UpstreamTimeout(f"upstream {self.pool.name!r} stalled mid-response"))
+
+    def _resolve_head(self) -> None:
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        headers = Headers([(k, v) for k, v in self._raw_headers if k not in RESPONSE_DROP])
+        if self._complete:
+            body: bytes | UpstreamBody = b"".join(self._early) if len(self._early) != 1 else self._early[0]
+            waiter.set_result((self._status, headers, body))
+            self._finish_exchange()
+            return
+        stream = UpstreamBody(self, self._early, self._length)
+        self._body = stream
+        self._early = []
+        self._active = False
+        self._timer = self.loop.call_later(self.pool.cfg.read_timeout_s, self._on_read_timeout)
+        waiter.set_result((self._status, headers, stream))
+
+    def _finish_exchange(self) -> None:
+        """The response is complete: back to the pool, or closed."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._keep_alive and not self._head_only and not self.closed:
+            self.reused = True
+            self.pool.release(self)
+        else:
+            self.abort()
+
+    def _fail(self, exc: BaseException) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+        elif self._body is not None:
+            self._body.end(exc)
+        self.abort()
+
+    # -- flow control ------------------------------------------------------------------------------
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def abort(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.abort()
+            self.pool.discard(self)
+
+    # -- asyncio.Protocol --------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but they are transports.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._got_bytes = True
+        self._active = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            self._fail(UpstreamProtocolError(f"upstream {self.pool.name!r} sent a malformed response: {e}"))
+            return
+        if self._head_done and self._waiter is not None:
+            self._resolve_head()
+
+    def eof_received(self) -> bool | None:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        body = self._body
+        waiter = self._waiter
+        if body is not None and not self._complete:
+            with contextlib.suppress(httptools.HttpParserError):
+                self.parser.feed_data(b"")  # a close-delimited body (no length, not chunked) ends at EOF
+            if not self._complete:
+                body.end(UpstreamClosed(f"upstream {self.pool.name!r} closed the connection mid-response"))
+        elif waiter is not None and not waiter.done():
+            stale = self.reused and not self._got_bytes
+            waiter.set_exception(
+                UpstreamClosed(
+                    f"upstream {self.pool.name!r} closed the connection before responding",
+                    sent_nothing_new=stale,
+                )
+            )
+        if not self.closed:
+            self.closed = True
+            self.pool.discard(self)
+
+    # -- httptools callbacks -----------------------------------------------------------------------
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._raw_headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self._raw_headers = []  # an interim response (100 Continue): the real head follows
+            return
+        self._status = status
+        self._keep_alive = self.parser.should_keep_alive()
+        for k, v in self._raw_headers:
+            if k == b"content-length":
+                self._length = int(v)
+                break
+        self._head_done = True
+        if self._head_only:
+            self._complete = True
+            self._keep_alive = False
+
+    def on_body(self, chunk: bytes) -> None:
+        body = self._body
+        if body is not None:
+            body.feed(chunk)
+        else:
+            self._early.append(chunk)
+
+    def on_message_complete(self) -> None:
+        if not self._head_done:
+            return
+        self._complete = True
+        body = self._body
+        if body is not None:
+            self._body = None
+            self._finish_exchange()
+            body.end(None)
