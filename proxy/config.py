@@ -62,7 +62,6 @@ class UpstreamConfig:
     url: str = req("base URL: http://host:port or https://host[:port][/prefix]")
     api_key: str = opt("", "sent as 'Authorization: Bearer …', replacing the client's credential")
     max_connections: int = opt(128, "connections open to this upstream at once", min=1)
-    max_idle: int = opt(32, "idle keep-alive connections kept", min=0)
     idle_timeout_s: float = opt(
         4.0, "close idle pooled connections after this (below the backend's own keep-alive)", min=0.0
     )
@@ -144,7 +143,10 @@ class Config:
                         )
                     )
         if self.default_upstream is not None and self.default_upstream not in self.upstreams:
-            problems.append(("default_upstream", f"unknown upstream {self.default_upstream!r}"))
+            known = ", ".join(sorted(self.upstreams))
+            problems.append(
+                ("default_upstream", f"unknown upstream {self.default_upstream!r}; known: {known}")
+            )
         return problems
 
     @property

@@ -43,8 +43,10 @@ def resolve(type_name: str) -> Any:
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"cannot import {module_name!r} for middleware {type_name!r}: {e}") from None
+    except Exception as e:  # ImportError, or the module itself failing on import
+        raise ValueError(
+            f"cannot import {module_name!r} for middleware {type_name!r}: {type(e).__name__}: {e}"
+        ) from None
     cls = getattr(module, attr, None)
     if cls is None:
         raise ValueError(f"module {module_name!r} has no attribute {attr!r}")

@@ -177,10 +177,11 @@ class H1Connection(asyncio.Protocol):
         try:
             return await waiter
         except asyncio.CancelledError:
-            self.abort()  # the client left before the head came: stop the backend's work
+            # The client left before the head came: stop the backend's work. (By the time we
+            # resume, the connection may already serve another exchange: only touch it if not.)
+            if self._waiter is waiter:
+                self.abort()
             raise
-        finally:
-            self._waiter = None
 
     def _on_head_timeout(self) -> None:
         self._timer = None
@@ -198,6 +199,7 @@ class H1Connection(asyncio.Protocol):
         waiter = self._waiter
         if waiter is None or waiter.done():
             return
+        self._waiter = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -227,6 +229,7 @@ class H1Connection(asyncio.Protocol):
 
     def _fail(self, exc: BaseException) -> None:
         waiter = self._waiter
+        self._waiter = None
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
         elif self._body is not None:
@@ -277,6 +280,7 @@ class H1Connection(asyncio.Protocol):
             self._timer = None
         body = self._body
         waiter = self._waiter
+        self._waiter = None
         if body is not None and not self._complete:
             with contextlib.suppress(httptools.HttpParserError):
                 self.parser.feed_data(b"")  # a close-delimited body (no length, not chunked) ends at EOF

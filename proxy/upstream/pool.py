@@ -1,8 +1,8 @@
 """A bounded pool of keep-alive HTTP/1.1 connections to one upstream.
 
 The pool's decisions are synchronous (``_take_idle``, ``release``, ``discard``); only connecting
-and waiting for a free slot await. Limits: ``max_connections`` open, ``max_idle`` kept idle,
-``max_pending`` waiters for ``pool_timeout_s``. Idle connections older than ``idle_timeout_s`` are
+and waiting for a free slot await. Limits: ``max_connections`` open (idle ones included), ``max_pending``
+waiters for ``pool_timeout_s``. Idle connections older than ``idle_timeout_s`` are
 closed (keep it under the backend's own keep-alive timeout: uvicorn's default is 5 s).
 """
 
@@ -161,7 +161,7 @@ class H1Pool:
             if not w.done():
                 w.set_result(conn)
                 return
-        if self._closing or len(self._idle) >= self.cfg.max_idle:
+        if self._closing:
             conn.abort()
             return
         conn.idle_since = self.loop.time()
