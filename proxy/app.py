@@ -8,6 +8,7 @@ import random
 import socket
 from typing import Any
 
+from proxy.access_log import AccessLog
 from proxy.chain import Handler, compose
 from proxy.clock import Clock, MonotonicClock
 from proxy.config import Config
@@ -47,7 +48,10 @@ class App:
         forwarder = Forwarder(self.router, self.upstreams, self.config.fallback_upstream, self.rng)
         ctx = BuildContext(clock=self.clock, rng=self.rng, route_models=self.router.models)
         self.middleware = [entry.factory(entry.config, ctx) for entry in self.config.middleware]
-        return compose(self.middleware, forwarder)
+        chain: list[Any] = list(self.middleware)
+        if self.config.log.access_log:
+            chain.insert(0, AccessLog(self.clock))  # first, so it sees every status the chain returns
+        return compose(chain, forwarder)
 
     async def start(self) -> None:
         listen = self.config.listen

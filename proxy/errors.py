@@ -89,13 +89,13 @@ class UpstreamError(ProxyError):
 class UpstreamConnectError(UpstreamError):
     """Could not connect: the request never reached the upstream (always safe to retry)."""
 
-    code = "upstream_unavailable"
+    code = "upstream_connect_error"
 
 
 class UpstreamClosed(UpstreamError):
     """The connection closed or reset before a full response head arrived."""
 
-    code = "upstream_unavailable"
+    code = "upstream_connection_closed"
 
     def __init__(self, message: str, *, sent_nothing_new: bool = False) -> None:
         super().__init__(message)
