@@ -72,12 +72,14 @@ class H1Connection(asyncio.Protocol):
         self._deadline = INF
         self._deadline_phase = IDLE  # the phase the current deadline was set for
         self._timer: asyncio.TimerHandle | None = None
+        self._upgrade_head: bytes | None = None  # an Upgrade request's head, to parse its body again
         self._new_message()
 
     def _new_message(self) -> None:
         self._url = b""
         self._headers = Headers()
         self._header_bytes = 0
+        self._head_reads = 0  # bytes of the reads that continued an unfinished head
         self._body: list[bytes] = []
         self._body_bytes = 0
 
@@ -98,13 +100,25 @@ class H1Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._stop_parsing:
             return
+        if self._phase == HEADERS:
+            # httptools holds a header line until it ends (on_header sees nothing before): bound an
+            # unfinished head here, by the bytes that keep coming for it.
+            self._head_reads += len(data)
+            if self._head_reads > self.limits.max_header_bytes:
+                self._reject(self._headers_too_large())
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
-            # We do not switch protocols: the request was served as plain HTTP/1.1 (RFC 9110
-            # §7.8 lets a server ignore Upgrade). Keep parsing what followed with a new parser.
+            # We do not switch protocols: the request is served as plain HTTP/1.1 (RFC 9110
+            # §7.8 lets a server ignore Upgrade). Keep parsing what followed with a new parser;
+            # httptools skipped the body of an Upgrade request, so such a one is parsed again,
+            # without its Upgrade header, body included.
             self.parser = httptools.HttpRequestParser(self)
             rest = data[int(e.args[0]) :] if e.args and isinstance(e.args[0], int) else b""
+            if self._upgrade_head is not None:
+                rest = self._upgrade_head + rest
+                self._upgrade_head = None
             if rest:
                 self.data_received(rest)
             return
@@ -179,9 +193,7 @@ class H1Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value) + 4
         if self._header_bytes > self.limits.max_header_bytes:
-            raise HeadersTooLarge(
-                f"request headers exceed {self.limits.max_header_bytes} bytes (limits.max_header_bytes)"
-            )
+            raise self._headers_too_large()
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
@@ -208,12 +220,17 @@ class H1Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         parser = self.parser
+        headers = self._headers
+        if parser.should_upgrade() and headers.get(b"upgrade") is not None and self._declares_body():
+            self._upgrade_head = self._head_without_upgrade()  # data_received parses it again
+            return
         body = self._body
         ctx = RequestContext(self.front.next_request_id(), self.peer, self.loop.time())
-        headers = self._headers
         rid = headers.get(b"x-request-id")
-        if rid is None or len(rid) > 200:
+        if rid is None:
             headers.append((b"x-request-id", ctx.request_id))
+        elif len(rid) > 200:
+            headers.set(b"x-request-id", ctx.request_id)
         else:
             ctx.request_id = rid
         request = Request(
@@ -235,6 +252,23 @@ class H1Connection(asyncio.Protocol):
                     self.transport.pause_reading()
         else:
             self._dispatch(item)
+
+    def _declares_body(self) -> bool:
+        headers = self._headers
+        return headers.get(b"content-length", b"0") != b"0" or headers.get(b"transfer-encoding") is not None
+
+    def _head_without_upgrade(self) -> bytes:
+        parser = self.parser
+        version = parser.get_http_version().encode()
+        parts = [b"%b %b HTTP/%b\r\n" % (parser.get_method(), self._url, version)]
+        parts.extend(b"%b: %b\r\n" % kv for kv in self._headers if kv[0] != b"upgrade")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    def _headers_too_large(self) -> HeadersTooLarge:
+        return HeadersTooLarge(
+            f"request headers exceed {self.limits.max_header_bytes} bytes (limits.max_header_bytes)"
+        )
 
     def _too_large(self) -> PayloadTooLarge:
         return PayloadTooLarge(
@@ -277,6 +311,8 @@ class H1Connection(asyncio.Protocol):
             self._write_head(response, request, body.length, http11)
             self._producer = body
             body.pipe(self)  # finish() / fail() complete the response, from upstream callbacks
+            if self._write_paused:  # the client is still behind on an earlier response
+                body.pause_producing()
         else:
             self._write_head(response, request, None, http11)
             await self._write_iter(body)

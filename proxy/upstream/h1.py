@@ -9,7 +9,6 @@ streams the rest, by callbacks into the front (``pipe``) or as an async iterator
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, cast
@@ -162,6 +161,8 @@ class H1Connection(asyncio.Protocol):
         self._active = False  # any bytes since the read-timeout timer last looked
         self._keep_alive = True
         self._length: int | None = None
+        self._until_eof = False  # the body has neither a length nor chunks: the close ends it
+        self._drop = RESPONSE_DROP  # plus the names listed in the response's Connection header
 
     # -- exchange ----------------------------------------------------------------------------------
     async def exchange(self, data: bytes, head_only: bool) -> tuple[int, Headers, bytes | UpstreamBody]:
@@ -203,7 +204,8 @@ class H1Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        headers = Headers([(k, v) for k, v in self._raw_headers if k not in RESPONSE_DROP])
+        drop = self._drop
+        headers = Headers([(k, v) for k, v in self._raw_headers if k not in drop])
         if self._complete:
             body: bytes | UpstreamBody = b"".join(self._early) if len(self._early) != 1 else self._early[0]
             waiter.set_result((self._status, headers, body))
@@ -282,9 +284,11 @@ class H1Connection(asyncio.Protocol):
         waiter = self._waiter
         self._waiter = None
         if body is not None and not self._complete:
-            with contextlib.suppress(httptools.HttpParserError):
-                self.parser.feed_data(b"")  # a close-delimited body (no length, not chunked) ends at EOF
-            if not self._complete:
+            self._body = None
+            if self._until_eof and exc is None:
+                self._complete = True  # a close-delimited body ends with the connection
+                body.end(None)
+            else:
                 body.end(UpstreamClosed(f"upstream {self.pool.name!r} closed the connection mid-response"))
         elif waiter is not None and not waiter.done():
             stale = self.reused and not self._got_bytes
@@ -309,10 +313,17 @@ class H1Connection(asyncio.Protocol):
             return
         self._status = status
         self._keep_alive = self.parser.should_keep_alive()
+        chunked = False
         for k, v in self._raw_headers:
             if k == b"content-length":
                 self._length = int(v)
-                break
+            elif k == b"transfer-encoding":
+                chunked = v.rstrip().lower().endswith(b"chunked")
+            elif k == b"connection":
+                tokens = {t.strip().lower() for t in v.split(b",") if t.strip()} - RESPONSE_DROP
+                if tokens:
+                    self._drop = self._drop | tokens
+        self._until_eof = self._length is None and not chunked
         self._head_done = True
         if self._head_only:
             self._complete = True

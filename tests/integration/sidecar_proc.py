@@ -21,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-_READY = re.compile(r"listening on http://(\S+?):(\d+) ")
+_READY = re.compile(r"listening on https?://(\S+?):(\d+) ")
 
 
 def minimal_config(upstream_url: str, *, extra: str = "", upstream_extra: str = "") -> str:
