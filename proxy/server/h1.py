@@ -38,7 +38,11 @@ log = logging.getLogger("llm_sidecar.front")
 
 INF = float("inf")
 # Connection phases, for the timeout that applies.
-IDLE, HEADERS, BODY, BUSY = 0, 1, 2, 3
+IDLE, HEADERS, BODY, BUSY, LINGER = 0, 1, 2, 3, 4
+# After answering a rejected request (400/408/413/431), read and drop what the client still sends
+# for this long before closing: closing with unread data makes the kernel send a reset, which can
+# destroy the error response before the client reads it (nginx's lingering close).
+LINGER_S = 2.0
 H2_PREFACE = b"PRI * HTTP/2.0"
 
 _Item = tuple[Request, bool, bool]  # (request, keep_alive, http11)
@@ -402,7 +406,10 @@ class H1Connection(asyncio.Protocol):
         self._busy = False
         self._task = None
         if not self._keep_alive:
-            self._close()
+            if self._stop_parsing:
+                self._linger()
+            else:
+                self._close()
             return
         if self._queue:
             self._dispatch(self._queue.popleft())
@@ -430,6 +437,19 @@ class H1Connection(asyncio.Protocol):
             self._queue.append(err)
         else:
             self._dispatch(err)
+
+    def _linger(self) -> None:
+        """Half-close after the error response; drop input until EOF or LINGER_S, then close."""
+        t = self.transport
+        if t is None or self.closed:
+            return
+        if not t.can_write_eof():
+            t.close()
+            return
+        t.write_eof()  # sent once the error response is flushed
+        self._phase = LINGER
+        self._set_deadline(LINGER_S, LINGER)
+        t.resume_reading()  # data_received discards it (_stop_parsing); eof_received closes
 
     def close_when_idle(self) -> None:
         self._close_after = True
@@ -465,6 +485,8 @@ class H1Connection(asyncio.Protocol):
             return
         if self._phase == IDLE:
             self._close()  # keep-alive timeout: nothing to say
+        elif self._phase == LINGER:
+            self.abort()
         else:
             what = "headers" if self._phase == HEADERS else "body"
             self._reject(RequestTimeout(f"the client took too long to send the request {what}"))

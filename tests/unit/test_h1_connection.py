@@ -21,9 +21,16 @@ class FakeTransport:
         self.written = bytearray()
         self.reading = True
         self.closed = False
+        self.eof_written = False
 
     def write(self, data: bytes) -> None:
         self.written += data
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof_written = True
 
     def pause_reading(self) -> None:
         self.reading = False
@@ -90,7 +97,22 @@ async def test_an_unfinished_header_line_is_refused_once_past_the_limit() -> Non
     assert not h.transport.written
     await h.feed(b"a" * 300)  # 1200 bytes of a header line that has not ended yet
     assert h.transport.written.startswith(b"HTTP/1.1 431 ")
-    assert h.transport.closed and not h.requests
+    assert h.transport.eof_written and not h.requests  # half-closed: the lingering close
+
+
+async def test_after_an_error_answer_the_connection_lingers_then_closes() -> None:
+    h = Harness(LimitsConfig(max_body_bytes=10))
+    await h.feed(b"POST /v1/x HTTP/1.1\r\ncontent-length: 100000\r\n\r\n" + b"x" * 1000)
+    answer = bytes(h.transport.written)
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert h.transport.eof_written and h.transport.reading and not h.transport.closed
+    await h.feed(b"x" * 50000)  # the rest of the body the client was already sending: dropped
+    assert bytes(h.transport.written) == answer and not h.requests
+    h.conn._on_timer()  # not yet due: nothing happens
+    assert not h.transport.closed
+    h.conn._deadline = h.conn.loop.time() - 1  # the lingering time is over
+    h.conn._on_timer()
+    assert h.transport.closed
 
 
 async def test_a_head_spread_over_reads_within_the_limit_is_served() -> None:
