@@ -176,7 +176,8 @@ class PipeableBody(Protocol):
 
     ``pipe`` replays what was buffered, then pushes each chunk as it arrives. The front calls
     ``pause_producing`` / ``resume_producing`` for backpressure and ``abort`` when the client left.
-    It is also an async iterator, for middleware that wrap it.
+    It is also an async iterator, for middleware that wrap it. A front pipes any body that has
+    ``pipe`` and frames it by its optional ``length`` attribute (Content-Length, else chunked).
     """
 
     def pipe(self, sink: BodySink) -> None: ...

@@ -29,7 +29,6 @@ from proxy.errors import (
 )
 from proxy.http import Headers, PipeableBody, Request, RequestContext, Response
 from proxy.server.front import error_response, status_line
-from proxy.upstream.h1 import UpstreamBody
 
 if TYPE_CHECKING:
     from proxy.server.front import Front
@@ -44,6 +43,7 @@ IDLE, HEADERS, BODY, BUSY, LINGER = 0, 1, 2, 3, 4
 # destroy the error response before the client reads it (nginx's lingering close).
 LINGER_S = 2.0
 H2_PREFACE = b"PRI * HTTP/2.0"
+H2_CLIENT_PREFACE = H2_PREFACE + b"\r\n\r\nSM\r\n\r\n"  # HTTP/2 with prior knowledge starts so
 
 _Item = tuple[Request, bool, bool]  # (request, keep_alive, http11)
 
@@ -77,6 +77,7 @@ class H1Connection(asyncio.Protocol):
         self._deadline_phase = IDLE  # the phase the current deadline was set for
         self._timer: asyncio.TimerHandle | None = None
         self._upgrade_head: bytes | None = None  # an Upgrade request's head, to parse its body again
+        self._sniff: bytes | None = b""  # the first bytes, while they may be the HTTP/2 preface
         self._new_message()
 
     def _new_message(self) -> None:
@@ -102,6 +103,15 @@ class H1Connection(asyncio.Protocol):
         self._set_deadline(self.limits.keepalive_timeout_s, IDLE)
 
     def data_received(self, data: bytes) -> None:
+        if self._sniff is not None:  # the connection's first bytes: HTTP/2 with prior knowledge?
+            data = self._sniff + data
+            self._sniff = None
+            if H2_CLIENT_PREFACE.startswith(data[:24]):
+                if len(data) < 24:
+                    self._sniff = data  # a prefix of the preface: wait for the rest
+                    return
+                if self._switch_to_h2(data):
+                    return
         if self._stop_parsing:
             return
         if self._phase == HEADERS:
@@ -311,12 +321,13 @@ class H1Connection(asyncio.Protocol):
         body = response.body
         if isinstance(body, bytes):
             self._write_whole(response, request, http11)
-        elif type(body) is UpstreamBody:
-            self._write_head(response, request, body.length, http11)
-            self._producer = body
-            body.pipe(self)  # finish() / fail() complete the response, from upstream callbacks
+        elif hasattr(body, "pipe"):  # a PipeableBody: an UpstreamBody, or a middleware's wrapper of one
+            pipeable = cast(PipeableBody, body)
+            self._write_head(response, request, getattr(body, "length", None), http11)
+            self._producer = pipeable
+            pipeable.pipe(self)  # finish() / fail() complete the response, from upstream callbacks
             if self._write_paused:  # the client is still behind on an earlier response
-                body.pause_producing()
+                pipeable.pause_producing()
         else:
             self._write_head(response, request, None, http11)
             await self._write_iter(body)
@@ -450,6 +461,18 @@ class H1Connection(asyncio.Protocol):
         self._phase = LINGER
         self._set_deadline(LINGER_S, LINGER)
         t.resume_reading()  # data_received discards it (_stop_parsing); eof_received closes
+
+    def _switch_to_h2(self, data: bytes) -> bool:
+        """Hand the connection to the HTTP/2 front (False when HTTP/2 is off: then it is rejected)."""
+        transport = self.transport
+        if transport is None or self.front.h2_factory is None:
+            return False
+        self.closed = True
+        self.front.connections.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        return self.front.switch_to_h2(transport, data)
 
     def close_when_idle(self) -> None:
         self._close_after = True
