@@ -1,10 +1,11 @@
-"""State and helpers shared by every client-side protocol (HTTP/1.1 now, HTTP/2 next)."""
+"""State and helpers shared by every client-side protocol (HTTP/1.1 and HTTP/2)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Protocol
 
@@ -49,6 +50,8 @@ class Front:
         self._rid_counter = 0
         # Answered by the front itself, before the chain: liveness for systemd/k8s probes.
         self.local: dict[bytes, bytes] = {b"/healthz": orjson.dumps({"status": "ok"})}
+        # Makes the protocol of a new HTTP/2 connection (set by App when http2.enabled).
+        self.h2_factory: Callable[[], asyncio.Protocol] | None = None
 
     def set_handler(self, handler: Handler) -> None:
         """Swap the chain (reload): requests already in flight finish on the old one."""
@@ -57,6 +60,20 @@ class Front:
     def next_request_id(self) -> bytes:
         self._rid_counter += 1
         return b"%b%d" % (self._rid_prefix, self._rid_counter)
+
+    def switch_to_h2(self, transport: asyncio.Transport, data: bytes) -> bool:
+        """Hand a connection to the HTTP/2 front, replaying ``data`` (from the preface on).
+
+        The caller has let go of the connection first. False when HTTP/2 is off."""
+        factory = self.h2_factory
+        if factory is None:
+            return False
+        protocol = factory()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if data:
+            protocol.data_received(data)
+        return True
 
     async def drain(self, timeout_s: float) -> None:
         """Graceful shutdown: idle connections close now, busy ones after their response."""
