@@ -6,6 +6,8 @@ import asyncio
 import logging
 import random
 import socket
+import ssl
+from functools import partial
 from typing import Any
 
 from proxy.access_log import AccessLog
@@ -17,6 +19,8 @@ from proxy.registry import BuildContext
 from proxy.routing import Router
 from proxy.server.front import Front
 from proxy.server.h1 import H1Connection
+from proxy.server.h2 import H2Connection
+from proxy.server.tls import AlpnSwitch, server_context
 from proxy.upstream.base import Upstream
 from proxy.upstream.pool import H1Pool
 
@@ -42,6 +46,8 @@ class App:
         self.middleware: list[Any] = []
         handler = self._build_chain()
         self.front = Front(handler, config.limits, self.clock, loop, config.listen.max_connections)
+        if config.http2.enabled:
+            self.front.h2_factory = partial(H2Connection, self.front, config.http2)
         self.server: asyncio.Server | None = None
 
     def _build_chain(self) -> Handler:
@@ -55,12 +61,25 @@ class App:
 
     async def start(self) -> None:
         listen = self.config.listen
+        front = self.front
+        if listen.tls is None:
+            self.server = await self.loop.create_server(
+                lambda: H1Connection(front),
+                listen.host,
+                listen.port,
+                backlog=listen.backlog,
+                reuse_address=True,
+            )
+            return
+        context: ssl.SSLContext = server_context(listen.tls, self.config.http2.enabled)
         self.server = await self.loop.create_server(
-            lambda: H1Connection(self.front),
+            lambda: AlpnSwitch(front),
             listen.host,
             listen.port,
             backlog=listen.backlog,
             reuse_address=True,
+            ssl=context,
+            ssl_handshake_timeout=self.config.limits.header_timeout_s,
         )
 
     @property
@@ -79,7 +98,10 @@ class App:
             for r in self.config.routes
         )
         chain = " → ".join([*(e.type for e in self.config.middleware), "forward"])
-        return f"llm-sidecar listening on http://{shown}:{port} | routes: {routes} | chain: {chain}"
+        scheme = "https" if self.config.listen.tls is not None else "http"
+        versions = "HTTP/1.1 + HTTP/2" if self.config.http2.enabled else "HTTP/1.1"
+        where = f"{scheme}://{shown}:{port} ({versions})"
+        return f"llm-sidecar listening on {where} | routes: {routes} | chain: {chain}"
 
     async def stop(self, drain_s: float = 10.0) -> None:
         if self.server is not None:

@@ -7,6 +7,7 @@ Cross-field rules live in ``validate()`` methods returning ``(relative dotted pa
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -26,10 +27,32 @@ def req(help: str, **rules: Any) -> Any:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    cert: str = req("PEM file: the certificate, then any intermediates", min_len=1)
+    key: str = req("PEM file: the certificate's private key (unencrypted)", min_len=1)
+
+    def validate(self) -> list[tuple[str, str]]:
+        """Load the pair once now, so a bad path or a mismatched key stops the start, not a handshake."""
+        problems = [
+            (name, f"cannot read {path!r}: {_strerror(path)}")
+            for name, path in (("cert", self.cert), ("key", self.key))
+            if _strerror(path)
+        ]
+        if problems:
+            return problems
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.cert, self.key)
+        except ssl.SSLError as e:
+            return [("", f"cannot use {self.cert!r} with {self.key!r}: {e.reason or e}")]
+        return []
+
+
+@dataclass(frozen=True)
 class ListenConfig:
     address: str = opt("127.0.0.1:8080", "host:port to listen on ([::1]:8080 for IPv6)")
     backlog: int = opt(1024, "listen(2) backlog", min=1)
     max_connections: int = opt(4096, "client connections served at once; more are closed", min=1)
+    tls: TlsConfig | None = opt(None, "serve TLS (ALPN h2 and http/1.1) with this cert and key")
 
     def validate(self) -> list[tuple[str, str]]:
         try:
@@ -55,6 +78,50 @@ class LimitsConfig:
     body_timeout_s: float = opt(60.0, "time to receive a request's body after its headers", min=0.001)
     keepalive_timeout_s: float = opt(75.0, "idle client connection is closed after this", min=0.001)
     max_pipelined: int = opt(16, "parsed-but-unanswered requests per connection", min=1)
+
+
+@dataclass(frozen=True)
+class Http2Config:
+    """The HTTP/2 front (h2c with prior knowledge on the listener; h2 by ALPN with ``listen.tls``)."""
+
+    enabled: bool = opt(True, "serve HTTP/2 beside HTTP/1.1 on the same listener")
+    max_concurrent_streams: int = opt(
+        100, "streams a client may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS)", min=1, max=2**31 - 1
+    )
+    max_header_list_size: int = opt(
+        65536, "decoded request headers of one stream (SETTINGS_MAX_HEADER_LIST_SIZE)", min=1024
+    )
+    max_header_block_bytes: int = opt(
+        131072, "encoded header block incl. CONTINUATION frames; more → GOAWAY ENHANCE_YOUR_CALM", min=1024
+    )
+    initial_window_size: int = opt(
+        1024 * 1024, "receive window of each stream (request bodies)", min=65535, max=2**31 - 1
+    )
+    connection_window_size: int = opt(
+        16 * 1024 * 1024, "receive window of the connection", min=65535, max=2**31 - 1
+    )
+    stream_buffer_bytes: int = opt(
+        65536,
+        "response bytes queued per stream past the client's window; above, the upstream waits",
+        min=1024,
+    )
+    rapid_reset_limit: int = opt(
+        200, "in-flight streams a client may cancel per window; more → GOAWAY ENHANCE_YOUR_CALM", min=1
+    )
+    rapid_reset_window_s: float = opt(10.0, "the window for rapid_reset_limit", min=0.001)
+    control_frame_limit: int = opt(
+        1000,
+        "PING/SETTINGS/PRIORITY/WINDOW_UPDATE/empty DATA frames per window beyond twice the streams and "
+        "DATA frames the sidecar sent in it; more → GOAWAY ENHANCE_YOUR_CALM",
+        min=1,
+    )
+    control_frame_window_s: float = opt(10.0, "the window for control_frame_limit", min=0.001)
+    idle_timeout_s: float = opt(
+        75.0, "a connection without open streams is closed (GOAWAY) after this", min=0.1
+    )
+    max_send_buffer_bytes: int = opt(
+        1024 * 1024, "bytes waiting in the socket for a client that stopped reading; more → closed", min=65536
+    )
 
 
 @dataclass(frozen=True)
@@ -120,6 +187,7 @@ class Config:
     routes: tuple[RouteConfig, ...] = req("client model name → targets", min_len=1)
     listen: ListenConfig = opt(ListenConfig(), "where the sidecar listens")
     limits: LimitsConfig = opt(LimitsConfig(), "client-side limits and timeouts")
+    http2: Http2Config = opt(Http2Config(), "the HTTP/2 front: streams, windows, flood limits")
     default_upstream: str | None = opt(
         None, "upstream for requests that name no model (files, batches); defaults to the only one"
     )
@@ -157,6 +225,15 @@ class Config:
         if len(self.upstreams) == 1:
             return next(iter(self.upstreams))
         return None
+
+
+def _strerror(path: str) -> str:
+    """Why ``path`` cannot be read as a file, or "" when it can."""
+    try:
+        with open(path, "rb"):
+            return ""
+    except OSError as e:
+        return e.strerror or str(e)
 
 
 def split_host_port(address: str) -> tuple[str, int]:

@@ -9,11 +9,13 @@ from pathlib import Path
 from proxy.chain import compose
 from proxy.config import (
     Config,
+    Http2Config,
     LimitsConfig,
     ListenConfig,
     LogConfig,
     RouteConfig,
     TargetConfig,
+    TlsConfig,
     UpstreamConfig,
 )
 from proxy.http import Headers, Request, RequestContext, Response
@@ -29,7 +31,8 @@ def test_the_two_set_up_commands_open_the_readme() -> None:
 def test_the_configuration_reference_names_every_key() -> None:
     reference = README.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
     missing = []
-    for cls in (Config, ListenConfig, LimitsConfig, UpstreamConfig, RouteConfig, TargetConfig, LogConfig):
+    classes = (Config, ListenConfig, TlsConfig, LimitsConfig, Http2Config, UpstreamConfig, RouteConfig)
+    for cls in (*classes, TargetConfig, LogConfig):
         for f in dataclasses.fields(cls):
             named = re.search(rf"[`{{ ]{f.name}[`.\[:,}}]", reference)
             if f.name != "source" and not named:

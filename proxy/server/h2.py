@@ -1,0 +1,581 @@
+"""The HTTP/2 front: an asyncio.Protocol around the h2 state machine (sans-IO).
+
+Each stream becomes the same :class:`~proxy.http.Request` the HTTP/1.1 front builds and runs
+through the same chain in a task of its own; the :class:`~proxy.http.Response` goes out as
+HEADERS and DATA frames. A streamed upstream body is piped into its :class:`H2Stream` by
+callbacks, within the client's flow-control windows; what does not fit waits, bounded per stream
+(``http2.stream_buffer_bytes``), and beyond that the upstream is not read (backpressure). A
+client that stops reading the socket gets no DATA until it drains (``pause_writing``), so its
+streams fill up and pause too.
+
+RST_STREAM from the client cancels the stream's task or aborts its upstream body, as an HTTP/1.1
+disconnect does. :class:`~proxy.server.h2_guard.FrameGuard` looks at every frame header first and
+closes abusive connections (CONTINUATION, control frame and Rapid Reset floods) with GOAWAY
+ENHANCE_YOUR_CALM; h2 itself answers protocol errors with GOAWAY PROTOCOL_ERROR and friends.
+Shutdown sends GOAWAY NO_ERROR with the last stream id and lets the streams under way finish.
+
+Data is flushed once per batch of received frames, and once per chunk piped from an upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, cast
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection as H2State
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    RemoteSettingsChanged,
+    RequestReceived,
+    StreamEnded,
+    StreamReset,
+    WindowUpdated,
+)
+from h2.exceptions import ProtocolError, StreamClosedError
+from h2.settings import SettingCodes, Settings
+from hyperframe.frame import GoAwayFrame
+
+from proxy.config import Http2Config
+from proxy.errors import PayloadTooLarge, ProxyError, RequestTimeout, internal_error
+from proxy.http import HOP_BY_HOP, Headers, PipeableBody, Request, RequestContext, Response
+from proxy.server.front import error_response
+from proxy.server.h2_guard import ENHANCE_YOUR_CALM, FrameGuard, Violation
+from proxy.server.h2_stream import INF, H2Stream
+
+if TYPE_CHECKING:
+    from proxy.server.front import Front
+
+log = logging.getLogger("llm_sidecar.front")
+
+# Response headers an HTTP/2 response must not carry (h2 would refuse them) or that we compute.
+_RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
+_STATUS = {code: b"%d" % code for code in range(100, 600)}
+_DIE_GRACE_S = 1.0  # after a GOAWAY for abuse, the socket is aborted if it has not closed by then
+
+
+class H2Connection(asyncio.Protocol):
+    def __init__(self, front: Front, cfg: Http2Config) -> None:
+        self.front = front
+        self.loop = front.loop
+        self.limits = front.limits
+        self.cfg = cfg
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.closed = False
+        config = H2Configuration(client_side=False, header_encoding=None)
+        self.h2 = h2 = H2State(config=config)
+        h2.local_settings = Settings(
+            client=False,
+            initial_values={
+                SettingCodes.MAX_CONCURRENT_STREAMS: cfg.max_concurrent_streams,
+                SettingCodes.MAX_HEADER_LIST_SIZE: cfg.max_header_list_size,
+                SettingCodes.INITIAL_WINDOW_SIZE: cfg.initial_window_size,
+            },
+        )
+        h2.decoder.max_header_list_size = cfg.max_header_list_size
+        self.guard = FrameGuard(cfg, front.clock)
+        self.streams: dict[int, H2Stream] = {}
+        self._blocked: dict[H2Stream, None] = {}  # streams with pending data, in arrival order
+        self._in_batch = False  # handling received frames: flush once at the end
+        self._write_paused = False
+        self._goaway_last: int | None = None  # GOAWAY sent: streams above this id are refused
+        self._dying = False  # closing for an error: nothing more is read
+        self._idle_at = INF  # no stream open: the connection closes then
+        self._header_at = INF  # a header block spans reads: it must be complete by then
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol ------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = t = cast(asyncio.Transport, transport)
+        peer = t.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        front = self.front
+        if len(front.connections) >= front.max_connections or front.shutting_down:
+            t.abort()
+            self.closed = True
+            return
+        front.connections.add(self)
+        self.h2.initiate_connection()
+        extra = self.cfg.connection_window_size - 65535
+        if extra > 0:
+            self.h2.increment_flow_control_window(extra)
+        self.flush()
+        self._became_idle()
+
+    def data_received(self, data: bytes) -> None:
+        if self._dying or self.closed:
+            return
+        violation = self.guard.feed(data)
+        if violation is not None:
+            self._die(violation)
+            return
+        try:
+            events = self.h2.receive_data(data)
+        except ProtocolError as e:  # h2 has queued the GOAWAY with the right code
+            log.info("HTTP/2 protocol error from %s: %s", self.peer, e)
+            self._die(None)
+            return
+        self._in_batch = True
+        try:
+            for event in events:
+                kind = type(event)
+                if kind is RequestReceived:
+                    self._on_request(cast(RequestReceived, event))
+                elif kind is DataReceived:
+                    self._on_data(cast(DataReceived, event))
+                elif kind is StreamEnded:
+                    self._on_stream_ended(cast(StreamEnded, event).stream_id)
+                elif kind is WindowUpdated:
+                    self._on_window_update(cast(WindowUpdated, event).stream_id)
+                elif kind is StreamReset:
+                    self._on_reset(cast(StreamReset, event).stream_id)
+                elif kind is RemoteSettingsChanged:
+                    changed = cast(RemoteSettingsChanged, event).changed_settings
+                    if SettingCodes.INITIAL_WINDOW_SIZE in changed:
+                        self._on_window_update(0)
+                elif kind is ConnectionTerminated:
+                    self._on_goaway(cast(ConnectionTerminated, event))
+                if self._dying:
+                    return
+        finally:
+            self._in_batch = False
+        self.flush()
+        if self.guard.in_header_block:  # a header block spans reads: it gets the header timeout
+            if self._header_at == INF:
+                self._header_at = self.loop.time() + self.limits.header_timeout_s
+                self._arm(self._header_at)
+        else:
+            self._header_at = INF
+
+    def eof_received(self) -> bool | None:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.front.connections.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        streams = list(self.streams.values())
+        self.streams.clear()
+        self._blocked.clear()
+        for st in streams:
+            st.cancel()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._on_window_update(0)
+        self.flush()
+
+    # -- frames from the client ------------------------------------------------------------------
+    def _on_request(self, event: RequestReceived) -> None:
+        sid = event.stream_id
+        h2 = self.h2
+        if (self._goaway_last is not None and sid > self._goaway_last) or len(
+            self.streams
+        ) >= self.cfg.max_concurrent_streams:
+            # After our GOAWAY, or while cancelled streams still unwind: the client may retry it.
+            h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            return
+        method = path = authority = b""
+        headers = Headers()
+        for name, value in event.headers or ():
+            if name[:1] == b":":
+                if name == b":method":
+                    method = value
+                elif name == b":path":
+                    path = value
+                elif name == b":authority":
+                    authority = value
+            else:
+                headers.append((name, value))
+        if authority and headers.get(b"host") is None:
+            headers.append((b"host", authority))
+        st = H2Stream(self, sid, method.decode("latin-1"), path, headers)
+        self.streams[sid] = st
+        self._idle_at = INF
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limits.max_body_bytes:
+            self._answer_early(st, self._too_large())
+        elif event.stream_ended is None:
+            st.deadline = self.loop.time() + self.limits.body_timeout_s
+            self._arm(st.deadline)
+
+    def _on_data(self, event: DataReceived) -> None:
+        sid = event.stream_id
+        if event.flow_controlled_length:
+            # Handed back at once: a request body is bounded by limits.max_body_bytes instead.
+            self.h2.acknowledge_received_data(event.flow_controlled_length, sid)
+        st = self.streams.get(sid)
+        data = event.data
+        if st is None or st.responding or not data:
+            return
+        st.body_bytes += len(data)
+        if st.body_bytes > self.limits.max_body_bytes:
+            self._answer_early(st, self._too_large())
+            return
+        st.body.append(data)
+
+    def _on_stream_ended(self, sid: int) -> None:
+        st = self.streams.get(sid)
+        if st is None:
+            return
+        st.request_done = True
+        if st.responding:
+            self.forget_if_done(st)
+            return
+        self._dispatch(st)
+
+    def _on_window_update(self, sid: int) -> None:
+        if sid == 0:
+            for blocked in list(self._blocked):
+                self.send_pending(blocked)
+        else:
+            st = self.streams.get(sid)
+            if st is not None and st in self._blocked:
+                self.send_pending(st)
+        if not self._in_batch:
+            self.flush()
+
+    def _on_reset(self, sid: int) -> None:
+        st = self.streams.get(sid)
+        if st is None:
+            return
+        in_flight = st.in_flight
+        self._blocked.pop(st, None)
+        st.cancel()
+        self.forget_if_done(st)
+        if in_flight:
+            violation = self.guard.note_reset()
+            if violation is not None:
+                self._die(violation)
+
+    def _on_goaway(self, event: ConnectionTerminated) -> None:
+        if event.error_code:
+            log.info("client %s closed the connection with HTTP/2 error %s", self.peer, event.error_code)
+            self._die(None)
+            return
+        if self._goaway_last is None:
+            self._goaway_last = self.h2.highest_inbound_stream_id
+        if not self.streams:
+            self._close()
+
+    # -- answering -------------------------------------------------------------------------------
+    def _dispatch(self, st: H2Stream) -> None:
+        st.responding = True
+        st.deadline = INF
+        front = self.front
+        ctx = RequestContext(front.next_request_id(), self.peer, self.loop.time())
+        headers = st.headers
+        rid = headers.get(b"x-request-id")
+        if rid is None:
+            headers.append((b"x-request-id", ctx.request_id))
+        elif len(rid) > 200:
+            headers.set(b"x-request-id", ctx.request_id)
+        else:
+            ctx.request_id = rid
+        body = st.body
+        st.request = request = Request(
+            st.method, st.path, headers, body[0] if len(body) == 1 else b"".join(body), ctx
+        )
+        st.body = []
+        local = front.local.get(st.path)
+        if local is not None and st.method == "GET":
+            self._send_whole(st, Response(200, Headers([(b"content-type", b"application/json")]), local))
+            return
+        st.task = self.loop.create_task(self._run(st, request))
+
+    async def _run(self, st: H2Stream, request: Request) -> None:
+        try:
+            try:
+                response = await self.front.handler(request)
+            except ProxyError as e:
+                response = error_response(e)
+            except Exception:
+                log.exception("unhandled error for %s %s", request.method, request.path)
+                response = error_response(internal_error())
+            if st.reset or self.closed:
+                _discard_body(response)
+                return
+            body = response.body
+            if isinstance(body, bytes):
+                self._send_whole(st, response)
+            elif hasattr(body, "pipe"):  # a PipeableBody: an UpstreamBody, or a middleware's wrapper
+                pipeable = cast(PipeableBody, body)
+                self._send_head(st, response, getattr(body, "length", None))
+                if st.head_only or st.reset:
+                    pipeable.abort()
+                    return
+                st.producer = pipeable
+                pipeable.pipe(st)  # st.finish() / st.fail() complete the response, from upstream callbacks
+                if st.paused and st.producer is pipeable:  # the replay filled the stream's buffer
+                    pipeable.pause_producing()
+            else:
+                self._send_head(st, response, None)
+                await self._write_iter(st, body)
+        except asyncio.CancelledError:
+            pass  # the stream was reset or the connection lost: st.cancel() has cleaned up
+        finally:
+            st.task = None
+            self.forget_if_done(st)
+
+    def _answer_early(self, st: H2Stream, err: ProxyError) -> None:
+        """Answer before the request is complete (413, 408); the rest of the body is refused."""
+        st.responding = True
+        st.deadline = INF
+        st.body = []
+        self._send_whole(st, error_response(err))
+
+    def _send_head(self, st: H2Stream, response: Response, length: int | None, end: bool = False) -> None:
+        headers = [(b":status", _STATUS.get(response.status) or b"%d" % response.status)]
+        headers.extend(kv for kv in response.headers if kv[0] not in _RESPONSE_DROP)
+        if st.request is not None:
+            headers.append((b"x-request-id", st.request.ctx.request_id))
+        if length is not None:
+            headers.append((b"content-length", b"%d" % length))
+        try:
+            self.h2.send_headers(st.sid, headers, end_stream=end or st.head_only)
+        except (StreamClosedError, ProtocolError) as e:
+            log.debug("stream %d of %s: response head not sent: %s", st.sid, self.peer, e)
+            st.cancel()
+            return
+        if end or st.head_only:
+            st.ended = True
+            self._after_end(st)
+        if not self._in_batch:
+            self.flush()
+
+    def _send_whole(self, st: H2Stream, response: Response) -> None:
+        body = response.body
+        assert isinstance(body, bytes)
+        self._send_head(st, response, len(body), end=not body)
+        if body and not st.ended and not st.reset:
+            st.pending.append(body)
+            st.pending_bytes += len(body)
+            st.end_pending = True
+            self.send_pending(st)
+            if not self._in_batch:
+                self.flush()
+        self.forget_if_done(st)
+
+    async def _write_iter(self, st: H2Stream, body: AsyncIterator[bytes]) -> None:
+        try:
+            async for chunk in body:
+                st.write(chunk)
+                if st.reset:
+                    break
+                if st.paused:
+                    st.drain = self.loop.create_future()
+                    await st.drain
+        except asyncio.CancelledError:
+            await _aclose(body)
+            raise
+        except Exception as e:
+            await _aclose(body)
+            st.fail(e)
+            return
+        if st.reset:
+            await _aclose(body)
+            return
+        st.finish()
+
+    # -- sending (also called by H2Stream) --------------------------------------------------------
+    def send_pending(self, st: H2Stream) -> None:
+        """Send what the windows let out of ``st.pending``, then END_STREAM when it is due."""
+        if st.reset or st.ended:
+            return
+        h2 = self.h2
+        queue = st.pending
+        sid = st.sid
+        try:
+            while queue and not self._write_paused:
+                window = h2.local_flow_control_window(sid)
+                if window <= 0:
+                    break
+                chunk = queue[0]
+                size = len(chunk)
+                room = min(window, h2.max_outbound_frame_size)
+                if size <= room:
+                    queue.popleft()
+                    last = not queue and st.end_pending
+                    h2.send_data(sid, chunk, end_stream=last)
+                    st.pending_bytes -= size
+                    if last:
+                        st.ended = True
+                else:
+                    view = chunk if isinstance(chunk, memoryview) else memoryview(chunk)
+                    queue[0] = view[room:]
+                    h2.send_data(sid, view[:room])
+                    st.pending_bytes -= room
+                self.guard.note_data_sent()
+            if not queue and st.end_pending and not st.ended:
+                h2.end_stream(sid)
+                st.ended = True
+        except (StreamClosedError, ProtocolError) as e:
+            log.debug("stream %d of %s: data not sent: %s", sid, self.peer, e)
+            self._blocked.pop(st, None)
+            st.cancel()
+            return
+        if queue:
+            self._blocked[st] = None
+        else:
+            self._blocked.pop(st, None)
+        if st.paused and st.pending_bytes <= self.cfg.stream_buffer_bytes // 2:
+            st.drained()
+        if st.ended:
+            self._after_end(st)
+
+    def _after_end(self, st: H2Stream) -> None:
+        """The response is complete; a request still being sent is refused (RFC 9113 §8.1)."""
+        if not st.request_done and not st.reset:
+            st.reset = True
+            with contextlib.suppress(StreamClosedError, ProtocolError):
+                self.h2.reset_stream(st.sid, ErrorCodes.NO_ERROR)
+
+    def stream_failed(self, st: H2Stream, exc: BaseException) -> None:
+        if not isinstance(exc, ProxyError | asyncio.CancelledError):
+            log.error("stream %d to %s failed: %r", st.sid, self.peer, exc)
+        if not st.reset and not self.closed:
+            with contextlib.suppress(StreamClosedError, ProtocolError):
+                self.h2.reset_stream(st.sid, ErrorCodes.INTERNAL_ERROR)
+        self._blocked.pop(st, None)
+        st.cancel()
+        self.flush()
+        self.forget_if_done(st)
+
+    def forget_if_done(self, st: H2Stream) -> None:
+        """Drop a stream once both sides are done (or it was reset) and its task has returned."""
+        if st.task is not None or st.producer is not None:
+            return
+        if not (st.reset or (st.ended and st.request_done)):
+            return
+        if self.streams.pop(st.sid, None) is None:
+            return
+        self._blocked.pop(st, None)
+        if not self.streams:
+            if self._goaway_last is not None:
+                self._close()
+            else:
+                self._became_idle()
+
+    def flush(self) -> None:
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        data = self.h2.data_to_send()
+        if data:
+            transport.write(data)
+            if self._write_paused and transport.get_write_buffer_size() > self.cfg.max_send_buffer_bytes:
+                log.info("HTTP/2 client %s stopped reading; closing", self.peer)
+                self.abort()
+
+    # -- connection management -------------------------------------------------------------------
+    def close_when_idle(self) -> None:
+        """Graceful shutdown: GOAWAY NO_ERROR naming the last stream we take; those finish."""
+        if self.closed or self.transport is None:
+            return
+        if self._goaway_last is None:
+            self._goaway_last = last = self.h2.highest_inbound_stream_id
+            self.flush()
+            self.transport.write(GoAwayFrame(0, last_stream_id=last, error_code=0).serialize())
+        if not self.streams:
+            self._close()
+
+    def _die(self, violation: Violation | None) -> None:
+        """Close for an error: GOAWAY (``violation``'s code, or the one h2 queued), then the socket."""
+        if self._dying:
+            return
+        self._dying = True
+        if violation is not None:
+            log.warning("HTTP/2 client %s: %s; closing", self.peer, violation.reason)
+            try:
+                self.h2.close_connection(error_code=violation.error_code, additional_data=b"")
+            except ProtocolError:  # h2 had already closed: write the frame ourselves
+                frame = GoAwayFrame(
+                    0, last_stream_id=self.h2.highest_inbound_stream_id, error_code=violation.error_code
+                )
+                if self.transport is not None:
+                    self.transport.write(frame.serialize())
+        self.flush()
+        streams = list(self.streams.values())
+        self.streams.clear()
+        self._blocked.clear()
+        for st in streams:
+            st.cancel()
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+            self.transport.close()
+            self.loop.call_later(_DIE_GRACE_S, self.abort)
+
+    def _close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.flush()
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+
+    # -- timeouts --------------------------------------------------------------------------------
+    def _became_idle(self) -> None:
+        self._idle_at = self.loop.time() + self.cfg.idle_timeout_s
+        self._arm(self._idle_at)
+
+    def _arm(self, when: float) -> None:
+        timer = self._timer
+        if timer is None or timer.when() > when:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self.loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.closed or self._dying:
+            return
+        now = self.loop.time()
+        if self._header_at <= now:
+            self._die(Violation(ENHANCE_YOUR_CALM, "a header block took too long (limits.header_timeout_s)"))
+            return
+        if not self.streams and now >= self._idle_at:
+            self.close_when_idle()  # GOAWAY NO_ERROR, then close
+            return
+        nearest = min(self._idle_at if not self.streams else INF, self._header_at)
+        for st in list(self.streams.values()):
+            if st.deadline <= now:
+                self._answer_early(st, RequestTimeout("the client took too long to send the request body"))
+            elif st.deadline < nearest:
+                nearest = st.deadline
+        self.flush()
+        if nearest < INF:
+            self._arm(nearest)
+
+    def _too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(
+            f"request body exceeds {self.limits.max_body_bytes} bytes (limits.max_body_bytes)"
+        )
+
+
+async def _aclose(body: AsyncIterator[bytes]) -> None:
+    aclose = getattr(body, "aclose", None)
+    if aclose is not None:
+        try:
+            await aclose()
+        except Exception:
+            log.debug("error closing a response body", exc_info=True)
+
+
+def _discard_body(response: Response) -> None:
+    body = response.body
+    if not isinstance(body, bytes):
+        abort = getattr(body, "abort", None)
+        if abort is not None:
+            abort()
