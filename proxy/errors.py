@@ -54,6 +54,35 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class InvalidApiKey(ProxyError):
+    """No API key, or one the sidecar does not know (``auth`` middleware)."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class ModelNotAllowed(ProxyError):
+    """The API key is valid but may not use this model (``auth`` middleware)."""
+
+    status = 403
+    type = "invalid_request_error"
+    code = "model_not_allowed"
+
+
+class RateLimited(ProxyError):
+    """Over a rate limit (``rate_limit`` middleware). ``type`` says which: requests or tokens, as
+    OpenAI's own 429s do; ``headers`` carry ``Retry-After``, ``retry-after-ms`` and x-ratelimit-*."""
+
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, kind: str, headers: list[tuple[bytes, bytes]]) -> None:
+        super().__init__(message, headers=headers)
+        self.type = kind
+
+
 class MethodNotAllowed(ProxyError):
     status = 405
     type = "invalid_request_error"
@@ -120,6 +149,14 @@ class UpstreamUnavailable(ProxyError):
     status = 503
     type = "server_error"
     code = "upstream_unavailable"
+
+
+class RateLimiterUnavailable(ProxyError):
+    """The shared rate-limit store (Redis) cannot be reached and ``on_redis_error: deny``."""
+
+    status = 503
+    type = "server_error"
+    code = "rate_limiter_unavailable"
 
 
 def error_body(err: ProxyError) -> bytes:

@@ -18,6 +18,8 @@ from proxy.clock import Clock
 
 BUILTIN: dict[str, str] = {
     "headers": "middleware.headers:HeadersMiddleware",
+    "auth": "middleware.auth:Auth",
+    "rate_limit": "middleware.rate_limit:RateLimit",
 }
 
 

@@ -1,0 +1,89 @@
+"""The one Lua script of the Redis backend: bucket.py's math, run atomically inside Redis.
+
+KEYS[1]  the (scope, model) hash: r (requests), t (tokens), u (last update, seconds)
+KEYS[2]  the in-flight sorted set of the key: member → lease expiry (seconds)
+Both carry the same ``{scope}`` hash tag, so one call touches one Redis Cluster slot.
+
+ARGV  1 op: "acquire" or "settle"      2 requests per minute (0: not limited)   3 requests capacity
+      4 tokens per minute (0: none)    5 tokens capacity
+      6 acquire: tokens to reserve; settle: tokens to charge on top (negative: refund)
+      7 max in flight (0: none)        8 in-flight member ("" for none)          9 lease seconds
+     10 now in seconds ("" = the Redis server's TIME, the one clock all sidecars share)
+
+Returns {reason, requests remaining, requests reset ms, tokens remaining, tokens reset ms, wait ms}
+with reason 0 admitted, 1 requests, 2 tokens, 3 in flight, 4 too large (wait -1: never).
+Numbers are written back with explicit formats: Redis would otherwise keep only 14 digits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Final
+
+SCRIPT: Final = """
+local now
+if ARGV[10] ~= '' then
+  now = tonumber(ARGV[10])
+else
+  local clock = redis.call('TIME')
+  now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+end
+local rlim, rcap = tonumber(ARGV[2]), tonumber(ARGV[3])
+local tlim, tcap = tonumber(ARGV[4]), tonumber(ARGV[5])
+local rrate, trate = rlim / 60, tlim / 60
+local amount, max_in_flight = tonumber(ARGV[6]), tonumber(ARGV[7])
+
+local state = redis.call('HMGET', KEYS[1], 'r', 't', 'u')
+local r = tonumber(state[1]) or rcap
+local t = tonumber(state[2]) or tcap
+local u = tonumber(state[3]) or now
+local elapsed = now - u
+if elapsed < 0 then elapsed = 0 else u = now end
+if rlim > 0 then r = math.min(rcap, r + elapsed * rrate) end
+if tlim > 0 then t = math.min(tcap, t + elapsed * trate) end
+
+local reason, wait = 0, 0
+if ARGV[1] == 'settle' then
+  if tlim > 0 then t = math.min(tcap, t - amount) end
+  if ARGV[8] ~= '' then redis.call('ZREM', KEYS[2], ARGV[8]) end
+else
+  if tlim > 0 and amount > tcap then
+    reason, wait = 4, -1
+  else
+    if rlim > 0 and r < 1 then reason, wait = 1, (1 - r) / rrate end
+    if tlim > 0 and t < amount then
+      local tokens_wait = (amount - t) / trate
+      if tokens_wait > wait then reason, wait = 2, tokens_wait end
+    end
+    if reason == 0 and max_in_flight > 0 then
+      redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', string.format('%.6f', now))
+      if redis.call('ZCARD', KEYS[2]) >= max_in_flight then reason = 3 end
+    end
+  end
+  if reason == 0 then
+    if rlim > 0 then r = r - 1 end
+    if tlim > 0 then t = t - amount end
+    if max_in_flight > 0 then
+      local lease = tonumber(ARGV[9])
+      redis.call('ZADD', KEYS[2], string.format('%.6f', now + lease), ARGV[8])
+      redis.call('EXPIRE', KEYS[2], math.ceil(lease) + 1)
+    end
+  end
+end
+
+redis.call('HSET', KEYS[1], 'r', string.format('%.17g', r), 't', string.format('%.17g', t),
+           'u', string.format('%.6f', u))
+local rreset, treset = 0, 0
+if rlim > 0 then rreset = (rcap - r) / rrate end
+if tlim > 0 then treset = (tcap - t) / trate end
+-- A missing state is a full one: forget this one once it would be full again.
+local skew = 0
+if u > now then skew = u - now end
+redis.call('PEXPIRE', KEYS[1], math.ceil((math.max(rreset, treset) + skew) * 1000) + 1000)
+local wait_ms = -1
+if wait >= 0 then wait_ms = math.ceil(wait * 1000) end
+return {reason, math.max(0, math.floor(r)), math.ceil(rreset * 1000),
+        math.max(0, math.floor(t)), math.ceil(treset * 1000), wait_ms}
+"""
+
+SHA: Final = hashlib.sha1(SCRIPT.encode()).hexdigest()

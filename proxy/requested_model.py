@@ -1,0 +1,55 @@
+"""The model a request names, read the way the forwarder routes it (JSON or multipart body).
+
+Middleware that decide by model (auth's allowed models, rate-limit buckets) use this, so that what
+they check is what gets routed: a mislabelled JSON body is still read as JSON. The JSON body is
+parsed once and cached on the request (``Request.json``); the forwarder reuses it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxy.errors import InvalidRequest
+from proxy.http import Request
+from proxy.multipart import boundary_of, find_model
+
+
+def requested_model(request: Request) -> str | None:
+    """The client's ``model``, or None when the request names none (files, batches, GETs).
+
+    Raises InvalidRequest (400) for a body the forwarder would reject as well.
+    """
+    body = request.body
+    if not body or request.method in ("GET", "HEAD", "DELETE"):
+        return None
+    boundary = boundary_of(request.headers.get(b"content-type") or b"application/json")
+    if boundary is not None:
+        span = find_model(body, boundary)
+        return None if span is None else body[span[0] : span[1]].decode("utf-8", "replace")
+    data = json_body(request)
+    if data is None:
+        return None
+    value = data.get("model")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidRequest("'model' must be a string", param="model")
+    return value
+
+
+def json_body(request: Request) -> dict[str, Any] | None:
+    """The body as a JSON object when the forwarder would read it as JSON, else None.
+
+    Raises InvalidRequest (400) for JSON that is not an object or does not parse.
+    """
+    body = request.body
+    if not body or request.method in ("GET", "HEAD", "DELETE"):
+        return None
+    if boundary_of(request.headers.get(b"content-type") or b"application/json") is not None:
+        return None
+    if not request.is_json and body.lstrip()[:1] != b"{":
+        return None
+    data = request.json()
+    if not isinstance(data, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    return data
