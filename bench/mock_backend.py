@@ -1,6 +1,7 @@
 """OpenAI-compatible mock backend for the integration tests and the benchmarks.
 
-Run ``python -m bench.mock_backend --port 8001 [--host 127.0.0.1]`` (port 0 picks a free port). It
+Run ``python -m bench.mock_backend --port 8001 [--host 127.0.0.1] [--h2c]`` (port 0 picks a free port;
+``--h2c`` also serves HTTP/2 with prior knowledge on that port, see bench/mock_h2c.py). It
 prints one line, ``mock backend listening on http://HOST:PORT``, and serves until SIGINT/SIGTERM.
 
 Endpoints: POST /v1/chat/completions and /v1/completions (``stream`` or not), POST /v1/embeddings,
@@ -216,23 +217,31 @@ class MockState:
         self.faults = Faults()
 
     def begin(self, request: web.Request, body: bytes, knobs: Knobs) -> Call:
-        s = self.stats
-        s.requests += 1
-        s.by_path[request.path] += 1
-        s.in_flight += 1
-        request_id = request.headers.get("x-request-id")
-        if request_id is not None:
-            s.request_ids.append(request_id)
-        data = _parse_json(body)
-        s.last_request = (request.method, request.path, request.headers, data)
+        data = self.record_start(request.method, request.path, request.headers, body)
         return Call(request, body, data, knobs, self)
 
     def end(self, call: Call) -> None:
+        self.record_end(aborted=call.aborted, disconnected=call.disconnected)
+
+    def record_start(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> Any:
+        """Count a request (any transport); returns its body parsed as JSON, or None."""
+        s = self.stats
+        s.requests += 1
+        s.by_path[path] += 1
+        s.in_flight += 1
+        request_id = headers.get("x-request-id")
+        if request_id is not None:
+            s.request_ids.append(request_id)
+        data = _parse_json(body)
+        s.last_request = (method, path, headers, data)
+        return data
+
+    def record_end(self, *, aborted: bool, disconnected: bool) -> None:
         s = self.stats
         s.in_flight -= 1
-        if call.aborted:
+        if aborted:
             s.resets += 1
-        elif call.disconnected:
+        elif disconnected:
             s.disconnects += 1
             s.disconnect_times.append(time.monotonic())
         else:
@@ -446,23 +455,31 @@ class Generation:
         yield _SSE_DONE
 
 
+def plan_generation(chat: bool, data: dict[str, Any], knobs: Knobs, state: MockState) -> Generation:
+    """The completion a request body asks for (shared with the h2c server, bench/mock_h2c.py)."""
+    limit = data.get("max_tokens") or data.get("max_completion_tokens")
+    tokens = min(limit, MAX_TOKENS) if isinstance(limit, int) and limit > 0 else DEFAULT_TOKENS
+    tokens = tokens if knobs.chunks is None else knobs.chunks
+    prompt = _chars(data.get("messages" if chat else "prompt")) // 4 + 1
+    usage = {"prompt_tokens": prompt, "completion_tokens": tokens, "total_tokens": prompt + tokens}
+    ident = f"{'chatcmpl' if chat else 'cmpl'}-mock{next(state.ids)}"
+    return Generation(chat, ident, data.get("model", MODELS[0]), tokens, usage, knobs.content_bytes)
+
+
+def stream_usage(data: dict[str, Any]) -> bool:
+    options = data.get("stream_options")
+    return isinstance(options, dict) and bool(options.get("include_usage"))
+
+
 def _generation(chat: bool) -> CallHandler:
     async def handle(call: Call) -> web.StreamResponse:
         data = call.json
         if not isinstance(data, dict):
             return await _send_error(call, 400, "request body must be a JSON object")
-        limit = data.get("max_tokens") or data.get("max_completion_tokens")
-        tokens = min(limit, MAX_TOKENS) if isinstance(limit, int) and limit > 0 else DEFAULT_TOKENS
-        tokens = tokens if call.knobs.chunks is None else call.knobs.chunks
-        prompt = _chars(data.get("messages" if chat else "prompt")) // 4 + 1
-        usage = {"prompt_tokens": prompt, "completion_tokens": tokens, "total_tokens": prompt + tokens}
-        ident = f"{'chatcmpl' if chat else 'cmpl'}-mock{next(call.state.ids)}"
-        gen = Generation(chat, ident, data.get("model", MODELS[0]), tokens, usage, call.knobs.content_bytes)
+        gen = plan_generation(chat, data, call.knobs, call.state)
         if not data.get("stream"):
             return await _send_json(call, gen.body())
-        options = data.get("stream_options")
-        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-        return await _send_stream(call, gen.events(include_usage))
+        return await _send_stream(call, gen.events(stream_usage(data)))
 
     return handle
 
@@ -476,15 +493,16 @@ def _embedding(value: object, dims: int, as_base64: bool) -> list[float] | str:
     return base64.b64encode(packed).decode() if as_base64 else list(struct.unpack(f"<{dims}f", packed))
 
 
-async def _embeddings(call: Call) -> web.StreamResponse:
-    data = call.json if isinstance(call.json, dict) else {}
+def embeddings_body(data: Any) -> bytes:
+    """The answer to an embeddings request body; raises BadKnob (400) for a bad one."""
+    data = data if isinstance(data, dict) else {}
     raw = data.get("input")
     inputs = [raw] if isinstance(raw, str) else raw
     if not isinstance(inputs, list) or not inputs:
-        return await _send_error(call, 400, "input: expected a string or a non-empty list of strings")
+        raise BadKnob("input: expected a string or a non-empty list of strings")
     dims = data.get("dimensions") or DEFAULT_DIMENSIONS
     if not isinstance(dims, int) or not 0 < dims <= 65536:
-        return await _send_error(call, 400, "dimensions: expected an integer 1..65536")
+        raise BadKnob("dimensions: expected an integer 1..65536")
     as_base64 = data.get("encoding_format") == "base64"  # the openai SDK's default
     items = [
         {"object": "embedding", "index": i, "embedding": _embedding(value, dims, as_base64)}
@@ -493,7 +511,15 @@ async def _embeddings(call: Call) -> web.StreamResponse:
     tokens = _chars(inputs) // 4 + 1
     usage = {"prompt_tokens": tokens, "total_tokens": tokens}
     body = {"object": "list", "data": items, "model": data.get("model", MODELS[0]), "usage": usage}
-    return await _send_json(call, orjson.dumps(body))
+    return orjson.dumps(body)
+
+
+async def _embeddings(call: Call) -> web.StreamResponse:
+    try:
+        body = embeddings_body(call.json)
+    except BadKnob as e:
+        return await _send_error(call, 400, str(e))
+    return await _send_json(call, body)
 
 
 async def _models(call: Call) -> web.StreamResponse:
@@ -574,19 +600,33 @@ def create_app(state: MockState | None = None) -> web.Application:
     return app
 
 
-async def serve(host: str, port: int) -> None:
-    """Serve until SIGINT or SIGTERM; print the listening URL once it is bound."""
-    runner = web.AppRunner(create_app(), handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
+async def serve(host: str, port: int, h2c: bool = False) -> None:
+    """Serve until SIGINT or SIGTERM; print the listening URL once it is bound.
+
+    With ``h2c``, the port also serves HTTP/2 with prior knowledge (bench/mock_h2c.py)."""
+    app = create_app()
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    both: asyncio.Server | None = None
     try:
-        await web.TCPSite(runner, host, port, backlog=1024).start()
+        if h2c:
+            from bench.mock_h2c import listen  # here: bench.mock_h2c imports this module
+
+            assert runner.server is not None
+            both = await listen(app[STATE_KEY], runner.server, host, port)
+            bound = both.sockets[0].getsockname()[1]
+        else:
+            await web.TCPSite(runner, host, port, backlog=1024).start()
+            bound = runner.addresses[0][1]
         shown_host = f"[{host}]" if ":" in host else host
-        print(f"mock backend listening on http://{shown_host}:{runner.addresses[0][1]}", flush=True)
+        print(f"mock backend listening on http://{shown_host}:{bound}", flush=True)
         await stop.wait()
     finally:
+        if both is not None:
+            both.close()
         await runner.cleanup()
 
 
@@ -594,8 +634,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.mock_backend", description=__doc__.split("\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001, help="0 picks a free port")
+    parser.add_argument("--h2c", action="store_true", help="also serve HTTP/2 with prior knowledge")
     args = parser.parse_args(argv)
-    uvloop.run(serve(args.host, args.port))
+    uvloop.run(serve(args.host, args.port, args.h2c))
 
 
 if __name__ == "__main__":

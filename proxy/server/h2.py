@@ -180,11 +180,16 @@ class H2Connection(asyncio.Protocol):
     def _on_request(self, event: RequestReceived) -> None:
         sid = event.stream_id
         h2 = self.h2
-        if (self._goaway_last is not None and sid > self._goaway_last) or len(
-            self.streams
-        ) >= self.cfg.max_concurrent_streams:
-            # After our GOAWAY, or while cancelled streams still unwind: the client may retry it.
+        if self._goaway_last is not None and sid > self._goaway_last:
+            h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)  # after our GOAWAY: the client may retry it
+            return
+        if len(self.streams) >= self.cfg.max_concurrent_streams:
+            # h2 holds the client to the limit, so this only happens while streams the client
+            # reset are still unwinding: refuse, and count it as one more reset.
             h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            violation = self.guard.note_reset()
+            if violation is not None:
+                self._die(violation)
             return
         method = path = authority = b""
         headers = Headers()
