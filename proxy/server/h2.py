@@ -56,7 +56,10 @@ log = logging.getLogger("llm_sidecar.front")
 # Response headers an HTTP/2 response must not carry (h2 would refuse them) or that we compute.
 _RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
 _STATUS = {code: b"%d" % code for code in range(100, 600)}
-_DIE_GRACE_S = 1.0  # after a GOAWAY for abuse, the socket is aborted if it has not closed by then
+# After a GOAWAY for an error: half-close and drop what the client still sends for this long, then
+# abort. Closing with unread input makes the kernel send a reset, which can destroy the GOAWAY
+# before the client reads it (a lingering close, as nginx does).
+LINGER_S = 1.0
 
 
 class H2Connection(asyncio.Protocol):
@@ -143,6 +146,10 @@ class H2Connection(asyncio.Protocol):
                     self._on_goaway(cast(ConnectionTerminated, event))
                 if self._dying:
                     return
+        except Exception:
+            log.exception("bug while handling HTTP/2 frames from %s", self.peer)
+            self._die(Violation(ErrorCodes.INTERNAL_ERROR, "internal error"))
+            return
         finally:
             self._in_batch = False
         self.flush()
@@ -154,6 +161,8 @@ class H2Connection(asyncio.Protocol):
             self._header_at = INF
 
     def eof_received(self) -> bool | None:
+        if self._dying:
+            self.abort()  # the lingering close is over: the client has read our GOAWAY and left
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -179,14 +188,13 @@ class H2Connection(asyncio.Protocol):
     # -- frames from the client ------------------------------------------------------------------
     def _on_request(self, event: RequestReceived) -> None:
         sid = event.stream_id
-        h2 = self.h2
         if self._goaway_last is not None and sid > self._goaway_last:
-            h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)  # after our GOAWAY: the client may retry it
+            self._refuse(sid)  # after our GOAWAY: the client may retry it elsewhere
             return
         if len(self.streams) >= self.cfg.max_concurrent_streams:
             # h2 holds the client to the limit, so this only happens while streams the client
             # reset are still unwinding: refuse, and count it as one more reset.
-            h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            self._refuse(sid)
             violation = self.guard.note_reset()
             if violation is not None:
                 self._die(violation)
@@ -214,6 +222,11 @@ class H2Connection(asyncio.Protocol):
         elif event.stream_ended is None:
             st.deadline = self.loop.time() + self.limits.body_timeout_s
             self._arm(st.deadline)
+
+    def _refuse(self, sid: int) -> None:
+        # Events come after h2 has read the whole batch: the client may have reset it already.
+        with contextlib.suppress(StreamClosedError):
+            self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
 
     def _on_data(self, event: DataReceived) -> None:
         sid = event.stream_id
@@ -516,10 +529,13 @@ class H2Connection(asyncio.Protocol):
         self._blocked.clear()
         for st in streams:
             st.cancel()
-        if self.transport is not None and not self.closed:
-            self.transport.pause_reading()
-            self.transport.close()
-            self.loop.call_later(_DIE_GRACE_S, self.abort)
+        transport = self.transport
+        if transport is not None and not self.closed:
+            if transport.can_write_eof():
+                transport.write_eof()  # FIN after the GOAWAY; data_received drops what still comes
+            else:
+                transport.close()
+            self.loop.call_later(LINGER_S, self.abort)
 
     def _close(self) -> None:
         if self.transport is not None and not self.closed:

@@ -225,6 +225,9 @@ class H1Connection(asyncio.Protocol):
             self._timer = None
         if self._keep_alive and not self._head_only and not self.closed:
             self.reused = True
+            # A front may have paused reading in the middle of the read that held the end of the
+            # body (a slow client): the body is done, so that pause would never be lifted.
+            self.resume_reading()
             self.pool.release(self)
         else:
             self.abort()

@@ -26,7 +26,7 @@ from h2.events import (
     StreamReset,
 )
 from h2.exceptions import ProtocolError
-from h2.settings import Settings
+from h2.settings import SettingCodes, Settings
 from hyperframe.frame import Frame, GoAwayFrame
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -37,13 +37,15 @@ class Closed(Exception):
 
 
 class RawH2:
-    def __init__(self, host: str, port: int, *, timeout: float = 5.0, settings: dict[int, int] | None = None):
+    def __init__(
+        self, host: str, port: int, *, timeout: float = 5.0, settings: dict[SettingCodes, int] | None = None
+    ):
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.timeout = timeout
         self.conn = H2Connection(H2Configuration(client_side=True, header_encoding=None))
         if settings:  # sent with the preface, in force at once
-            self.conn.local_settings = Settings(client=True, initial_values=settings)  # type: ignore[arg-type]
+            self.conn.local_settings = Settings(client=True, initial_values=settings)
         self.conn.initiate_connection()
         self.flush()
         self.status: dict[int, int] = {}
