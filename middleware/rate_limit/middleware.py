@@ -35,7 +35,7 @@ from middleware.rate_limit.memory import MemoryBackend
 from middleware.rate_limit.redis_backend import RedisBackend
 from middleware.rate_limit.settle import settle_response
 from proxy.chain import Handler
-from proxy.errors import RateLimited
+from proxy.errors import ProxyError, RateLimited
 from proxy.http import Request, Response
 from proxy.identity import NO_LIMITS, KeyLimits, identity_of
 from proxy.registry import BuildContext
@@ -94,8 +94,10 @@ class RateLimit:
             )
         try:
             response = await next(request)
-        except BaseException:
+        except BaseException as e:
             self.backend.release(ticket, 0)
+            if isinstance(e, ProxyError):
+                e.headers = e.headers + headers  # an error answer carries them too
             raise
         if headers:
             response.headers[:] = [kv for kv in response.headers if kv[0] not in RATELIMIT_NAMES]

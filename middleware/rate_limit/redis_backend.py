@@ -50,11 +50,11 @@ class ScriptBatcher:
     """Runs the script for every call made in one loop iteration as one pipeline, with a deadline."""
 
     def __init__(
-        self, client: Redis, timeout_s: float, on_outcome: Callable[[BaseException | None], None]
+        self, client: Redis, timeout_s: float, on_outcome: Callable[[BaseException | None, int], None]
     ) -> None:
         self.client = client
         self.timeout_s = timeout_s
-        self.on_outcome = on_outcome  # None: the round trip worked; else why not
+        self.on_outcome = on_outcome  # (None: it worked, else why not; the calls in the round trip)
         self._pending: list[tuple[Args, asyncio.Future[Any] | None, Undo | None]] = []
         self._tasks: set[asyncio.Task[None]] = set()  # round trips under way (awaited by aclose)
 
@@ -76,12 +76,12 @@ class ScriptBatcher:
         try:
             results = await asyncio.wait_for(self._execute([args for args, _, _ in batch]), self.timeout_s)
         except (RedisError, OSError, TimeoutError) as e:
-            self.on_outcome(e)
+            self.on_outcome(e, len(batch))
             for _, waiter, _ in batch:
                 if waiter is not None and not waiter.done():
                     waiter.set_exception(StoreUnavailable(f"{type(e).__name__}: {e}"))
             return
-        self.on_outcome(None)
+        self.on_outcome(None, len(batch))
         for (_, waiter, undo), result in zip(batch, results, strict=True):
             if waiter is None:
                 if isinstance(result, Exception):
@@ -125,8 +125,10 @@ class RedisBackend:
             max_connections=rc.max_connections,
             timeout=timeout_s,
             socket_connect_timeout=timeout_s,
-            socket_timeout=max(1.0, timeout_s),  # a backstop: each round trip has its own deadline
-            retry=Retry(NoBackoff(), 0),  # no hidden retries: the deadline and the breaker decide
+            socket_timeout=max(1.0, 2 * timeout_s),  # a backstop: each round trip has its deadline
+            # No retries: a script call may have run even though its answer was lost, so sending it
+            # again could take twice. The deadline and the breaker decide instead.
+            retry=Retry(NoBackoff(), 0),
         )
         self.client = Redis(connection_pool=self.pool)
         self.batcher = ScriptBatcher(self.client, timeout_s, self._outcome)
@@ -203,20 +205,23 @@ class RedisBackend:
             )
         return Ticket(ask, None)
 
-    def _outcome(self, error: BaseException | None) -> None:
+    def _outcome(self, error: BaseException | None, calls: int) -> None:
+        """Every failed round trip is logged (at most ``breaker_failures`` per ``breaker_open_s``
+        while Redis is down: the open breaker stops the calls), and so is the recovery."""
         if error is None:
             if self.breaker.success():
                 log.warning("rate_limit: Redis at %s answers again; limits are enforced", self._where)
-        elif self.breaker.failure():
-            what = "denied (503)" if self.deny else "allowed without limits"
-            log.warning(
-                "rate_limit: Redis at %s failed (%s: %s); requests are %s, Redis is tried again in %g s",
-                self._where,
-                type(error).__name__,
-                error or "no answer in time",
-                what,
-                self.breaker.open_s,
-            )
+            return
+        opened = self.breaker.failure()
+        log.warning(
+            "rate_limit: Redis at %s failed (%s: %s): %d calls lost, requests %s%s",
+            self._where,
+            type(error).__name__,
+            error or "no answer in time",
+            calls,
+            "denied (503)" if self.deny else "allowed without limits",
+            f"; Redis is skipped for {self.breaker.open_s:g} s" if opened else "",
+        )
 
 
 def decode(result: Sequence[int]) -> Decision:

@@ -116,8 +116,9 @@ async def test_an_error_answer_or_failure_gives_the_tokens_and_slot_back(clock: 
     def fail(request: Request) -> Response:
         raise UpstreamTimeout("slow")
 
-    with pytest.raises(UpstreamTimeout):
+    with pytest.raises(UpstreamTimeout) as info:
         await rl(chat({"model": "demo-model", "messages": HI}), Next(fail))
+    assert b"x-ratelimit-remaining-tokens" in dict(info.value.headers)  # error answers carry them too
     assert rl.backend.in_flight("anonymous") == 0
     last = await rl(chat({"model": "demo-model", "messages": HI, "max_tokens": 10}), Next(json_reply()))
     assert header(last, "x-ratelimit-remaining-tokens") == str(6000 - 21)
