@@ -105,6 +105,9 @@ class Http2Config:
         "response bytes queued per stream past the client's window; above, the upstream waits",
         min=1024,
     )
+    send_timeout_s: float = opt(
+        120.0, "a stream the client lets nothing through for this long is reset (CANCEL)", min=0.001
+    )
     rapid_reset_limit: int = opt(
         200, "in-flight streams a client may cancel per window; more → GOAWAY ENHANCE_YOUR_CALM", min=1
     )

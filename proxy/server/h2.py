@@ -414,6 +414,7 @@ class H2Connection(asyncio.Protocol):
         h2 = self.h2
         queue = st.pending
         sid = st.sid
+        before = st.pending_bytes
         try:
             while queue and not self._write_paused:
                 window = h2.local_flow_control_window(sid)
@@ -444,9 +445,13 @@ class H2Connection(asyncio.Protocol):
             st.cancel()
             return
         if queue:
+            if st.pending_bytes < before or st not in self._blocked:  # the send timeout starts over
+                st.stalled_at = self.loop.time() + self.cfg.send_timeout_s
+                self._arm(st.stalled_at)
             self._blocked[st] = None
-        else:
-            self._blocked.pop(st, None)
+        elif st in self._blocked:
+            del self._blocked[st]
+            st.stalled_at = INF
         if st.paused and st.pending_bytes <= self.cfg.stream_buffer_bytes // 2:
             st.drained()
         if st.ended:
@@ -573,11 +578,23 @@ class H2Connection(asyncio.Protocol):
         for st in list(self.streams.values()):
             if st.deadline <= now:
                 self._answer_early(st, RequestTimeout("the client took too long to send the request body"))
-            elif st.deadline < nearest:
-                nearest = st.deadline
+            elif st.stalled_at <= now:
+                self._stalled(st)
+            else:
+                nearest = min(nearest, st.deadline, st.stalled_at)
         self.flush()
         if nearest < INF:
             self._arm(nearest)
+
+    def _stalled(self, st: H2Stream) -> None:
+        """The client let nothing of this response through for ``http2.send_timeout_s``."""
+        log.info("HTTP/2 client %s took no data on stream %d for %g s; resetting it", self.peer, st.sid,
+                 self.cfg.send_timeout_s)  # fmt: skip
+        self._blocked.pop(st, None)
+        with contextlib.suppress(StreamClosedError, ProtocolError):
+            self.h2.reset_stream(st.sid, ErrorCodes.CANCEL)
+        st.cancel()
+        self.forget_if_done(st)
 
     def _too_large(self) -> PayloadTooLarge:
         return PayloadTooLarge(

@@ -43,6 +43,7 @@ class H2Stream:
         "reset",
         "responding",
         "sid",
+        "stalled_at",
         "task",
     )
 
@@ -56,6 +57,7 @@ class H2Stream:
         self.body: list[bytes] = []
         self.body_bytes = 0
         self.deadline = INF  # the request body must be complete by then
+        self.stalled_at = INF  # blocked by the client since a while: reset it then (send timeout)
         self.request: Request | None = None
         self.request_done = False  # the client ended its side
         self.responding = False  # a response (or an error answer) is under way

@@ -205,3 +205,17 @@ def test_slow_reader_pauses_the_upstream_and_memory_stays_flat(
     assert body.count(b"data: ") == 2002 and body.endswith(b"data: [DONE]\n\n")
     assert len(body) > 20_000_000
     assert mock.stats()["completed"] == 5  # the stream, still_serves() and the three after
+
+
+def test_a_stream_the_client_never_reads_is_reset_after_send_timeout(
+    mock: MockProcess, tmp_path: Path
+) -> None:
+    config = minimal_config(mock.url, extra="http2: {send_timeout_s: 0.3}\n")
+    with SidecarProcess(config, tmp_path) as sidecar, RawH2(sidecar.host, sidecar.port) as c:
+        sid = c.request("POST", "/v1/chat/completions", {**CHAT, "stream": True}, BIG_STREAM)
+        stats = mock.wait_stats(lambda s: s["disconnects"] == 1, timeout=5)  # the upstream request too
+        assert stats["completed"] == 0
+        c.wait(lambda: sid in c.resets)
+        assert c.resets[sid] == ErrorCodes.CANCEL
+        assert c.json(c.request("POST", "/v1/chat/completions", CHAT))[0] == 200  # the connection lives on
+    assert "took no data on stream 1" in sidecar.logs()
