@@ -45,10 +45,13 @@ from proxy.config import Http2Config
 from proxy.errors import PayloadTooLarge, ProxyError, RequestTimeout, internal_error
 from proxy.http import HOP_BY_HOP, Headers, PipeableBody, Request, RequestContext, Response
 from proxy.server.front import error_response
+from proxy.server.h2_encoder import StaticEncoder
 from proxy.server.h2_guard import ENHANCE_YOUR_CALM, FrameGuard, Violation
 from proxy.server.h2_stream import INF, H2Stream
 
 if TYPE_CHECKING:
+    from hpack import Encoder
+
     from proxy.server.front import Front
 
 log = logging.getLogger("llm_sidecar.front")
@@ -71,8 +74,16 @@ class H2Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = ""
         self.closed = False
-        config = H2Configuration(client_side=False, header_encoding=None)
+        # Response headers are ours, lower-case and without connection-specific fields
+        # (_RESPONSE_DROP): h2 need not check them again. Requests are checked in full.
+        config = H2Configuration(
+            client_side=False,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
         self.h2 = h2 = H2State(config=config)
+        h2.encoder = cast("Encoder", StaticEncoder())
         h2.local_settings = Settings(
             client=False,
             initial_values={
@@ -353,7 +364,9 @@ class H2Connection(asyncio.Protocol):
         st.body = []
         self._send_whole(st, error_response(err))
 
-    def _send_head(self, st: H2Stream, response: Response, length: int | None, end: bool = False) -> None:
+    def _send_head(
+        self, st: H2Stream, response: Response, length: int | None, end: bool = False, flush: bool = True
+    ) -> None:
         headers = [(b":status", _STATUS.get(response.status) or b"%d" % response.status)]
         headers.extend(kv for kv in response.headers if kv[0] not in _RESPONSE_DROP)
         if st.request is not None:
@@ -369,20 +382,21 @@ class H2Connection(asyncio.Protocol):
         if end or st.head_only:
             st.ended = True
             self._after_end(st)
-        if not self._in_batch:
+        if flush and not self._in_batch:
             self.flush()
 
     def _send_whole(self, st: H2Stream, response: Response) -> None:
+        """Head and body in one flush (one write to the socket when the window allows)."""
         body = response.body
         assert isinstance(body, bytes)
-        self._send_head(st, response, len(body), end=not body)
+        self._send_head(st, response, len(body), end=not body, flush=False)
         if body and not st.ended and not st.reset:
             st.pending.append(body)
             st.pending_bytes += len(body)
             st.end_pending = True
             self.send_pending(st)
-            if not self._in_batch:
-                self.flush()
+        if not self._in_batch:
+            self.flush()
         self.forget_if_done(st)
 
     async def _write_iter(self, st: H2Stream, body: AsyncIterator[bytes]) -> None:
