@@ -19,22 +19,25 @@ def requested_model(request: Request) -> str | None:
 
     Raises InvalidRequest (400) for a body the forwarder would reject as well.
     """
+    return model_and_json(request)[0]
+
+
+def model_and_json(request: Request) -> tuple[str | None, dict[str, Any] | None]:
+    """The client's ``model`` and, for a JSON body, the body parsed (a multipart one: None)."""
     body = request.body
     if not body or request.method in ("GET", "HEAD", "DELETE"):
-        return None
+        return None, None
     boundary = boundary_of(request.headers.get(b"content-type") or b"application/json")
     if boundary is not None:
         span = find_model(body, boundary)
-        return None if span is None else body[span[0] : span[1]].decode("utf-8", "replace")
+        return None if span is None else body[span[0] : span[1]].decode("utf-8", "replace"), None
     data = json_body(request)
     if data is None:
-        return None
+        return None, None
     value = data.get("model")
-    if value is None:
-        return None
-    if not isinstance(value, str):
+    if value is not None and not isinstance(value, str):
         raise InvalidRequest("'model' must be a string", param="model")
-    return value
+    return value, data
 
 
 def json_body(request: Request) -> dict[str, Any] | None:

@@ -32,7 +32,7 @@ class Rate:
         return self.per_minute / 60.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # compared and hashed by identity: cheap as a dict key
 class LimitSpec:
     requests: Rate | None  # None: not limited
     tokens: Rate | None

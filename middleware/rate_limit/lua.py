@@ -5,14 +5,17 @@ KEYS[2]  the in-flight sorted set of the key: member → lease expiry (seconds)
 Both carry the same ``{scope}`` hash tag, so one call touches one Redis Cluster slot.
 
 ARGV  1 op: "acquire" or "settle"      2 requests per minute (0: not limited)   3 requests capacity
-      4 tokens per minute (0: none)    5 tokens capacity
-      6 acquire: tokens to reserve; settle: tokens to charge on top (negative: refund)
-      7 max in flight (0: none)        8 in-flight member ("" for none)          9 lease seconds
-     10 now in seconds ("" = the Redis server's TIME, the one clock all sidecars share)
+      4 tokens per minute (0: none)    5 tokens capacity                        6 max in flight (0: none)
+      7 in-flight lease seconds        8 now in seconds ("" = the Redis server's TIME, the one clock
+                                         all sidecars share)
+      9 acquire: tokens to reserve; settle: tokens to charge on top (negative: refund)
+     10… acquire: its in-flight member (when max in flight); settle: the members to free (any number)
+The first seven are constant per bucket, so the sidecar encodes them once (redis_batcher.py).
 
-Returns {reason, requests remaining, requests reset ms, tokens remaining, tokens reset ms, wait ms}
-with reason 0 admitted, 1 requests, 2 tokens, 3 in flight, 4 too large (wait -1: never).
-Numbers are written back with explicit formats: Redis would otherwise keep only 14 digits.
+acquire returns "reason requests-remaining requests-reset-ms tokens-remaining tokens-reset-ms
+wait-ms" (one string: one read), reason 0 admitted, 1 requests, 2 tokens, 3 in flight, 4 too large
+(wait -1: never); settle returns 1. Numbers are stored with explicit formats (Redis would keep 14
+digits).
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from typing import Final
 
 SCRIPT: Final = """
 local now
-if ARGV[10] ~= '' then
-  now = tonumber(ARGV[10])
+if ARGV[8] ~= '' then
+  now = tonumber(ARGV[8])
 else
   local clock = redis.call('TIME')
   now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
@@ -31,7 +34,7 @@ end
 local rlim, rcap = tonumber(ARGV[2]), tonumber(ARGV[3])
 local tlim, tcap = tonumber(ARGV[4]), tonumber(ARGV[5])
 local rrate, trate = rlim / 60, tlim / 60
-local amount, max_in_flight = tonumber(ARGV[6]), tonumber(ARGV[7])
+local max_in_flight, lease, amount = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[9])
 
 local state = redis.call('HMGET', KEYS[1], 'r', 't', 'u')
 local r = tonumber(state[1]) or rcap
@@ -45,7 +48,7 @@ if tlim > 0 then t = math.min(tcap, t + elapsed * trate) end
 local reason, wait = 0, 0
 if ARGV[1] == 'settle' then
   if tlim > 0 then t = math.min(tcap, t - amount) end
-  if ARGV[8] ~= '' then redis.call('ZREM', KEYS[2], ARGV[8]) end
+  if #ARGV >= 10 then redis.call('ZREM', KEYS[2], unpack(ARGV, 10, #ARGV)) end
 else
   if tlim > 0 and amount > tcap then
     reason, wait = 4, -1
@@ -64,8 +67,7 @@ else
     if rlim > 0 then r = r - 1 end
     if tlim > 0 then t = t - amount end
     if max_in_flight > 0 then
-      local lease = tonumber(ARGV[9])
-      redis.call('ZADD', KEYS[2], string.format('%.6f', now + lease), ARGV[8])
+      redis.call('ZADD', KEYS[2], string.format('%.6f', now + lease), ARGV[10])
       redis.call('EXPIRE', KEYS[2], math.ceil(lease) + 1)
     end
   end
@@ -80,10 +82,11 @@ if tlim > 0 then treset = (tcap - t) / trate end
 local skew = 0
 if u > now then skew = u - now end
 redis.call('PEXPIRE', KEYS[1], math.ceil((math.max(rreset, treset) + skew) * 1000) + 1000)
+if ARGV[1] == 'settle' then return 1 end
 local wait_ms = -1
 if wait >= 0 then wait_ms = math.ceil(wait * 1000) end
-return {reason, math.max(0, math.floor(r)), math.ceil(rreset * 1000),
-        math.max(0, math.floor(t)), math.ceil(treset * 1000), wait_ms}
+return string.format('%d %d %d %d %d %d', reason, math.max(0, math.floor(r)), math.ceil(rreset * 1000),
+                     math.max(0, math.floor(t)), math.ceil(treset * 1000), wait_ms)
 """
 
 SHA: Final = hashlib.sha1(SCRIPT.encode()).hexdigest()

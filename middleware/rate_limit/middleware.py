@@ -39,7 +39,7 @@ from proxy.errors import ProxyError, RateLimited
 from proxy.http import Request, Response
 from proxy.identity import NO_LIMITS, KeyLimits, identity_of
 from proxy.registry import BuildContext
-from proxy.requested_model import json_body, requested_model
+from proxy.requested_model import model_and_json
 
 ANONYMOUS: Final = "anonymous"  # the scope and key id of requests that no auth identified
 NO_MODEL: Final = "-"  # the bucket of requests that name no model
@@ -75,13 +75,13 @@ class RateLimit:
         if spec.requests is None and spec.tokens is None and not spec.max_in_flight:
             return await next(request)
 
-        model = requested_model(request) or NO_MODEL
+        model, data = model_and_json(request)
         cost, strip = NOTHING, False
-        if model != NO_MODEL:
-            data = json_body(request)
-            if data is not None and spec.tokens is not None:
-                cost = estimate(data, request.path, self.cfg.chars_per_token, self.cfg.default_max_tokens)
-                strip = self.cfg.stream_usage and ask_for_stream_usage(request, data)
+        if model is None:
+            model = NO_MODEL
+        elif data is not None and spec.tokens is not None:
+            cost = estimate(data, request.path, self.cfg.chars_per_token, self.cfg.default_max_tokens)
+            strip = self.cfg.stream_usage and ask_for_stream_usage(request, data)
 
         ticket = await self.backend.acquire(Ask(scope, model, key_id, spec, cost.total))
         decision = ticket.decision

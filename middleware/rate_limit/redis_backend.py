@@ -1,9 +1,8 @@
 """``backend: redis``: one limit shared by every sidecar that uses the same Redis.
 
-Each admission and each settlement is one call of the Lua script (lua.py) by its SHA; calls made
-in the same event-loop iteration leave together as one pipeline (one write, one read), so under
-load the per-request cost of Redis is a fraction of a round trip. A script Redis does not know
-(a restarted or flushed server answers NOSCRIPT) is loaded and the calls are sent again.
+Each admission is one call of the Lua script (lua.py) by its SHA, each settlement too (those of a
+bucket merged per event-loop iteration); the calls of one iteration leave together, one write and
+one read (redis_batcher.py), so under load a request costs a fraction of a round trip.
 
 Every round trip has a deadline (``redis.timeout_ms``); a failure or a miss counts against the
 breaker (breaker.py). While it is open Redis is not called: requests are allowed unchecked or
@@ -18,102 +17,28 @@ import itertools
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Final
 from urllib.parse import urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
-from middleware.rate_limit import lua
 from middleware.rate_limit.backend import Ask, Ticket
 from middleware.rate_limit.breaker import CLOSED, Breaker
-from middleware.rate_limit.bucket import IN_FLIGHT_RETRY_S, Decision, Reason
+from middleware.rate_limit.bucket import IN_FLIGHT_RETRY_S, Decision, LimitSpec, Reason
 from middleware.rate_limit.config import RateLimitConfig
+from middleware.rate_limit.redis_batcher import ScriptBatcher, StoreUnavailable, command, command_head
 from proxy.clock import Clock
 from proxy.errors import RateLimiterUnavailable
 
 log = logging.getLogger("llm_sidecar.rate_limit")
 
 REASONS: Final[tuple[Reason, ...]] = ("", "requests", "tokens", "in_flight", "too_large")
-Args = tuple[str | int | float, ...]
-Undo = Callable[[Any], None]
-
-
-class StoreUnavailable(Exception):
-    """Redis did not answer in time, or not at all."""
-
-
-class ScriptBatcher:
-    """Runs the script for every call made in one loop iteration as one pipeline, with a deadline."""
-
-    def __init__(
-        self, client: Redis, timeout_s: float, on_outcome: Callable[[BaseException | None, int], None]
-    ) -> None:
-        self.client = client
-        self.timeout_s = timeout_s
-        self.on_outcome = on_outcome  # (None: it worked, else why not; the calls in the round trip)
-        self._pending: list[tuple[Args, asyncio.Future[Any] | None, Undo | None]] = []
-        self._tasks: set[asyncio.Task[None]] = set()  # round trips under way (awaited by aclose)
-
-    def submit(self, args: Args, waiter: asyncio.Future[Any] | None = None, undo: Undo | None = None) -> None:
-        """Queue one script call. ``waiter`` gets its result; ``undo`` gets it instead when the
-        waiter was cancelled meanwhile (the caller left, but Redis did the work)."""
-        if not self._pending:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self._pending.append((args, waiter, undo))
-
-    def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        if batch:
-            task = asyncio.get_running_loop().create_task(self._round_trip(batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _round_trip(self, batch: list[tuple[Args, asyncio.Future[Any] | None, Undo | None]]) -> None:
-        try:
-            results = await asyncio.wait_for(self._execute([args for args, _, _ in batch]), self.timeout_s)
-        except (RedisError, OSError, TimeoutError) as e:
-            self.on_outcome(e, len(batch))
-            for _, waiter, _ in batch:
-                if waiter is not None and not waiter.done():
-                    waiter.set_exception(StoreUnavailable(f"{type(e).__name__}: {e}"))
-            return
-        self.on_outcome(None, len(batch))
-        for (_, waiter, undo), result in zip(batch, results, strict=True):
-            if waiter is None:
-                if isinstance(result, Exception):
-                    log.debug("rate_limit: a settlement failed: %s", result)
-            elif waiter.cancelled():
-                if undo is not None and not isinstance(result, Exception):
-                    undo(result)
-            elif isinstance(result, Exception):
-                waiter.set_exception(result)
-            else:
-                waiter.set_result(result)
-
-    async def _execute(self, calls: Sequence[Args]) -> list[Any]:
-        results = await self._pipeline(calls)
-        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-        if missing:
-            await self.client.script_load(lua.SCRIPT)
-            again = await self._pipeline([calls[i] for i in missing])
-            for i, result in zip(missing, again, strict=True):
-                results[i] = result
-        return results
-
-    async def _pipeline(self, calls: Sequence[Args]) -> list[Any]:
-        pipe = self.client.pipeline(transaction=False)
-        for args in calls:
-            pipe.execute_command("EVALSHA", lua.SHA, 2, *args)
-        return list(await pipe.execute(raise_on_error=False))
-
-    async def drain(self) -> None:
-        self._flush()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=self.timeout_s * 2)
+HEAD_ITEMS: Final = 12  # EVALSHA, sha, 2, two keys, seven constant arguments (lua.py)
+MAX_HEADS: Final = 4096  # encoded bucket heads kept (then the cache starts over)
 
 
 class RedisBackend:
@@ -125,20 +50,21 @@ class RedisBackend:
             max_connections=rc.max_connections,
             timeout=timeout_s,
             socket_connect_timeout=timeout_s,
-            socket_timeout=max(1.0, 2 * timeout_s),  # a backstop: each round trip has its deadline
-            # No retries: a script call may have run even though its answer was lost, so sending it
+            socket_timeout=None,  # every round trip has its own deadline (redis_batcher.py)
+            # No retries: a script call may have run although its answer was lost, so sending it
             # again could take twice. The deadline and the breaker decide instead.
             retry=Retry(NoBackoff(), 0),
         )
         self.client = Redis(connection_pool=self.pool)
-        self.batcher = ScriptBatcher(self.client, timeout_s, self._outcome)
+        self.batcher = ScriptBatcher(self.client, self.pool, timeout_s, self._outcome)
         self.breaker = Breaker(rc.breaker_failures, rc.breaker_open_s, clock)
         self.deny = config.on_redis_error == "deny"
         self.prefix = rc.key_prefix
-        self.lease_s = rc.in_flight_lease_s
+        self.lease = b"%r" % rc.in_flight_lease_s
         self._now = now  # tests: a fake clock instead of Redis TIME
+        self._heads: dict[tuple[str, str, str, LimitSpec], tuple[bytes, bytes]] = {}
         self._members = itertools.count()
-        self._instance = os.urandom(6).hex()
+        self._instance = os.urandom(6).hex().encode()
         parts = urlsplit(rc.url)
         self._where = f"{parts.hostname or parts.path}:{parts.port or 6379}"
 
@@ -146,26 +72,36 @@ class RedisBackend:
     async def acquire(self, ask: Ask) -> Ticket:
         if not self.breaker.allow():
             return self._unreachable(ask)
-        member = f"{self._instance}:{next(self._members)}" if ask.spec.max_in_flight else ""
+        acquire_head, settle_head = self._bucket_heads(ask)
+        now = self._now_arg()
+        tail = [now, b"%d" % ask.tokens]
+        member = b""
+        if ask.spec.max_in_flight:
+            member = b"%b:%d" % (self._instance, next(self._members))
+            tail.append(member)
         waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        args = self._args(ask, "acquire", ask.tokens, member)
-        self.batcher.submit(args, waiter, lambda result: self._undo(ask, member, result))
+        self.batcher.call(
+            command(acquire_head, HEAD_ITEMS, tail),
+            waiter,
+            lambda reply: self._give_back(settle_head, ask.tokens, member, reply),
+        )
         try:
-            result = await waiter
+            reply = await waiter
         except StoreUnavailable:
             return self._unreachable(ask)
         except RedisError as e:  # the script itself failed: a bug, or a Redis too old for it
             log.error("rate_limit: the Redis script failed: %s", e)
             return self._unreachable(ask)
-        return Ticket(ask, decode(result), member)
+        return Ticket(ask, decode(reply), (settle_head, member))
 
     def release(self, ticket: Ticket, used_tokens: int) -> None:
         if ticket.decision is None or self.breaker.state != CLOSED:
             return
         ask = ticket.ask
+        settle_head, member = ticket.handle
         extra = used_tokens - ask.tokens if ask.spec.tokens is not None else 0
-        if extra or ticket.handle:
-            self.batcher.submit(self._args(ask, "settle", extra, ticket.handle))
+        if extra or member:
+            self.batcher.settle(settle_head, HEAD_ITEMS, self._now_arg(), extra, member)
 
     async def aclose(self) -> None:
         await self.batcher.drain()
@@ -173,29 +109,38 @@ class RedisBackend:
         await self.pool.disconnect()
 
     # -- helpers --------------------------------------------------------------------------------------
-    def _args(self, ask: Ask, op: str, amount: int, member: str) -> Args:
-        spec = ask.spec
-        req, tok = spec.requests, spec.tokens
-        tag = f"{self.prefix}{{{ask.scope}}}:"
-        return (
-            f"{tag}{ask.model}",
-            f"{tag}inflight:{ask.key_id}",
-            op,
-            req.per_minute if req is not None else 0,
-            req.capacity if req is not None else 0,
-            tok.per_minute if tok is not None else 0,
-            tok.capacity if tok is not None else 0,
-            amount,
-            spec.max_in_flight,
-            member,
-            self.lease_s,
-            f"{self._now():.6f}" if self._now is not None else "",
-        )
+    def _bucket_heads(self, ask: Ask) -> tuple[bytes, bytes]:
+        """The encoded constant part of the acquire and settle commands of ``ask``'s bucket."""
+        cache_key = (ask.scope, ask.model, ask.key_id, ask.spec)
+        heads = self._heads.get(cache_key)
+        if heads is None:
+            if len(self._heads) >= MAX_HEADS:
+                self._heads.clear()
+            req, tok = ask.spec.requests, ask.spec.tokens
+            tag = f"{self.prefix}{{{ask.scope}}}:"
+            keys = (f"{tag}{ask.model}".encode(), f"{tag}inflight:{ask.key_id}".encode())
+            constants = (
+                b"%d" % (req.per_minute if req is not None else 0),
+                b"%r" % (req.capacity if req is not None else 0.0),
+                b"%d" % (tok.per_minute if tok is not None else 0),
+                b"%r" % (tok.capacity if tok is not None else 0.0),
+                b"%d" % ask.spec.max_in_flight,
+                self.lease,
+            )
+            heads = (
+                command_head(keys, (b"acquire", *constants)),
+                command_head(keys, (b"settle", *constants)),
+            )
+            self._heads[cache_key] = heads
+        return heads
 
-    def _undo(self, ask: Ask, member: str, result: Any) -> None:
+    def _now_arg(self) -> bytes:
+        return b"" if self._now is None else b"%.6f" % self._now()
+
+    def _give_back(self, settle_head: bytes, tokens: int, member: bytes, reply: Any) -> None:
         """An admission whose requester left before hearing of it: give its tokens and slot back."""
-        if result[0] == 0:
-            self.batcher.submit(self._args(ask, "settle", -ask.tokens, member))
+        if isinstance(reply, bytes) and reply.startswith(b"0 "):
+            self.batcher.settle(settle_head, HEAD_ITEMS, self._now_arg(), -tokens, member)
 
     def _unreachable(self, ask: Ask) -> Ticket:
         if self.deny:
@@ -224,8 +169,8 @@ class RedisBackend:
         )
 
 
-def decode(result: Sequence[int]) -> Decision:
-    code, req_left, req_reset_ms, tok_left, tok_reset_ms, wait_ms = (int(x) for x in result)
+def decode(reply: bytes) -> Decision:
+    code, req_left, req_reset_ms, tok_left, tok_reset_ms, wait_ms = map(int, reply.split())
     wait_s = math.inf if wait_ms < 0 else wait_ms / 1000
     if code == 3:
         wait_s = IN_FLIGHT_RETRY_S
