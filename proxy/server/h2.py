@@ -39,6 +39,7 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
+from hpack.exceptions import HPACKError
 from hyperframe.frame import GoAwayFrame
 
 from proxy.config import Http2Config
@@ -133,6 +134,8 @@ class H2Connection(asyncio.Protocol):
             events = self.h2.receive_data(data)
         except ProtocolError as e:  # h2 has queued the GOAWAY with the right code
             log.info("HTTP/2 protocol error from %s: %s", self.peer, e)
+            if type(e) is ProtocolError and isinstance(e.__cause__, HPACKError):
+                self._replace_goaway(ErrorCodes.COMPRESSION_ERROR)  # RFC 9113 §4.3; h2 says PROTOCOL_ERROR
             self._die(None)
             return
         self._in_batch = True
@@ -555,6 +558,15 @@ class H2Connection(asyncio.Protocol):
             else:
                 transport.close()
             self.loop.call_later(LINGER_S, self.abort)
+
+    def _replace_goaway(self, error_code: int) -> None:
+        """Send what h2 queued, but with our own GOAWAY instead of the one h2 put last."""
+        data = self.h2.data_to_send()
+        if data[-17:-14] == b"\x00\x00\x08" and data[-14] == 0x7:  # an 8-byte GOAWAY frame
+            data = data[:-17]
+        goaway = GoAwayFrame(0, last_stream_id=self.h2.highest_inbound_stream_id, error_code=error_code)
+        if self.transport is not None:
+            self.transport.write(data + goaway.serialize())
 
     def _close(self) -> None:
         if self.transport is not None and not self.closed:

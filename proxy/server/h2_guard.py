@@ -13,7 +13,9 @@ window and says when a client crossed a limit:
 - in-flight streams reset by the client over ``rapid_reset_limit`` in a window — Rapid Reset,
   CVE-2023-44487 (counted by the connection, which knows whether a stream was still in flight).
 
-Each is answered with GOAWAY ENHANCE_YOUR_CALM. Pure: the clock is injected, no I/O.
+Each is answered with GOAWAY ENHANCE_YOUR_CALM. It also answers the one framing error h2 gets
+the code wrong for (a SETTINGS ACK with a payload: FRAME_SIZE_ERROR). Pure: the clock is injected,
+no I/O.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ from proxy.clock import Clock
 from proxy.config import Http2Config
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+FRAME_SIZE_ERROR = 0x6
 ENHANCE_YOUR_CALM = 0xB
 
 # Frame types (RFC 9113 §6) and flags.
-DATA, HEADERS, CONTINUATION, PUSH_PROMISE = 0x0, 0x1, 0x9, 0x5
+DATA, HEADERS, CONTINUATION, PUSH_PROMISE, SETTINGS = 0x0, 0x1, 0x9, 0x5, 0x4
 END_STREAM = 0x1
+ACK = 0x1
 END_HEADERS = 0x4
 # Every other type (PRIORITY, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE, extensions) is
 # counted as a control frame; so is an empty DATA frame without END_STREAM.
@@ -169,6 +173,9 @@ class FrameGuard:
             return None
         if kind in _NOT_CONTROL and not (kind == DATA and length == 0 and not flags & END_STREAM):
             return None
+        if kind == SETTINGS and flags & ACK and length:
+            # RFC 9113 §6.5: FRAME_SIZE_ERROR (h2 would say PROTOCOL_ERROR).
+            return Violation(FRAME_SIZE_ERROR, "a SETTINGS acknowledgement with a payload")
         return self._control_frame()
 
     def _control_frame(self) -> Violation | None:

@@ -25,6 +25,7 @@ import openai
 import orjson
 import pytest
 from h2.errors import ErrorCodes
+from hpack import Encoder
 from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, RstStreamFrame
 from openai import AsyncOpenAI, OpenAI
 from openai.types.chat import ChatCompletionMessageParam
@@ -383,6 +384,51 @@ async def test_openai_sdk_async_over_tls_h2(tls_sidecar: tuple[SidecarProcess, P
 
 
 # ---- conformance ------------------------------------------------------------------------------
+
+
+def _frame(kind: int, flags: int, sid: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + sid.to_bytes(4, "big") + payload
+
+
+def _headers(*extra: tuple[str, str], flags: int = 0x5) -> bytes:
+    head = [(":method", "GET"), (":path", "/v1/models"), (":scheme", "http"), (":authority", "x")]
+    block = Encoder().encode([*head, *extra])
+    return _frame(0x1, flags, 1, block)
+
+
+@pytest.mark.parametrize(
+    ("frames_sent", "code"),
+    [
+        (_headers(("X-Upper", "1")), ErrorCodes.PROTOCOL_ERROR),  # names must be lower case
+        (_headers(("connection", "close")), ErrorCodes.PROTOCOL_ERROR),  # no connection-specific fields
+        (_frame(0x0, 0x1, 1, b"x"), ErrorCodes.PROTOCOL_ERROR),  # DATA on an idle stream
+        (_frame(0x1, 0x5, 1, b"\xff\x7f"), ErrorCodes.COMPRESSION_ERROR),  # an index beyond the tables
+        (_frame(0x4, 0x1, 0, b"\0\4\0\0\xff\xff"), ErrorCodes.FRAME_SIZE_ERROR),  # SETTINGS ACK + payload
+        (_frame(0x6, 0x0, 0, b"1234567"), ErrorCodes.FRAME_SIZE_ERROR),  # PING of 7 bytes
+        (_headers(flags=0x4) + _frame(0x0, 0, 1, b"x" * 20_000), ErrorCodes.FRAME_SIZE_ERROR),
+        (_frame(0x8, 0, 0, (2**31 - 1).to_bytes(4, "big")) * 2, ErrorCodes.FLOW_CONTROL_ERROR),
+        (_frame(0x4, 0, 0, b"\0\4\x80\0\0\0"), ErrorCodes.FLOW_CONTROL_ERROR),  # window > 2^31-1
+    ],
+    ids=["uppercase", "connection", "data-idle", "hpack", "settings-ack", "ping-size", "too-large",
+         "window-overflow", "initial-window"],
+)  # fmt: skip
+def test_connection_errors_get_goaway_with_their_code(
+    sidecar: SidecarProcess, frames_sent: bytes, code: ErrorCodes
+) -> None:
+    with socket.create_connection((sidecar.host, sidecar.port), timeout=5) as sock:
+        sock.sendall(PREFACE + _frame(0x4, 0, 0, b"") + frames_sent)
+        goaway = read_goaway(sock)
+        assert goaway is not None and goaway[0] == code
+        assert closed_after(sock)
+
+
+def test_a_stream_error_resets_only_that_stream(sidecar: SidecarProcess) -> None:
+    with raw(sidecar) as c:
+        sid = c.request("POST", "/v1/chat/completions", end=False)
+        c.send_raw(_frame(0x8, 0, sid, (2**31 - 1).to_bytes(4, "big")) * 2)  # its window overflows
+        c.wait(lambda: sid in c.resets)
+        assert c.resets[sid] == ErrorCodes.FLOW_CONTROL_ERROR
+        assert c.json(c.request("POST", "/v1/chat/completions", CHAT))[0] == 200
 
 
 @pytest.mark.timeout(600)

@@ -139,3 +139,10 @@ def test_resets_spread_over_windows_pass() -> None:
     for _ in range(10):
         assert [g.note_reset() for _ in range(3)] == [None, None, None]
         clock.advance(10)
+
+
+def test_a_settings_ack_with_a_payload_is_a_frame_size_error() -> None:
+    g, _ = guard()
+    violation = g.feed(PREFACE + frame(SETTINGS, ACK, payload=b"\0\4\0\0\xff\xff"))
+    assert violation is not None and violation.error_code == 0x6
+    assert guard()[0].feed(PREFACE + frame(SETTINGS, ACK)) is None
