@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -79,6 +80,9 @@ async def _serve(config: Config, started: float) -> int:
     except OSError as e:
         log.error("cannot listen on %s: %s", config.listen.address, e.strerror or e)
         return 1
+    # Everything built so far lives until exit: keep it out of the collector's full passes, which
+    # otherwise walk it all again and again (latency spikes at p99 under load).
+    gc.freeze()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)

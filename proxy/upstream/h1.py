@@ -148,6 +148,7 @@ class H1Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[tuple[int, Headers, bytes | UpstreamBody]] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._head_only = False
+        self._batch: list[bytes] = []  # streamed body chunks parsed from the current read
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
@@ -271,10 +272,22 @@ class H1Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
+            self._batch.clear()
             self._fail(UpstreamProtocolError(f"upstream {self.pool.name!r} sent a malformed response: {e}"))
             return
+        if self._batch:
+            self._flush_batch()
         if self._head_done and self._waiter is not None:
             self._resolve_head()
+
+    def _flush_batch(self) -> None:
+        """Hand the body chunks parsed from one read to the body as one chunk: one write to the
+        client per upstream read, however many SSE events (HTTP chunks) the read held."""
+        batch = self._batch
+        body = self._body
+        if body is not None:
+            body.feed(batch[0] if len(batch) == 1 else b"".join(batch))
+        batch.clear()
 
     def eof_received(self) -> bool | None:
         return False
@@ -333,9 +346,8 @@ class H1Connection(asyncio.Protocol):
             self._keep_alive = False
 
     def on_body(self, chunk: bytes) -> None:
-        body = self._body
-        if body is not None:
-            body.feed(chunk)
+        if self._body is not None:
+            self._batch.append(chunk)  # data_received flushes it once the read is parsed
         else:
             self._early.append(chunk)
 
@@ -345,6 +357,8 @@ class H1Connection(asyncio.Protocol):
         self._complete = True
         body = self._body
         if body is not None:
+            if self._batch:
+                self._flush_batch()
             self._body = None
             self._finish_exchange()
             body.end(None)
