@@ -75,6 +75,14 @@ class TappedIterator:
                 return out
         raise StopAsyncIteration
 
+    def abort(self) -> None:
+        """Dropped unread (the client left before the head went out): end the tap, stop the inner."""
+        self._exhausted = True
+        self._end(asyncio.CancelledError())
+        abort = getattr(self._inner, "abort", None)
+        if abort is not None:
+            abort()
+
     async def aclose(self) -> None:
         self._exhausted = True
         self._end(asyncio.CancelledError())

@@ -53,10 +53,12 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A private redis-server on 127.0.0.1 (a free port unless given), no persistence."""
+    """A private redis-server on 127.0.0.1 (a free port unless given); with ``persist`` its data
+    survives stop() and start() (an append-only file), else nothing is kept."""
 
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, persist: bool = False) -> None:
         self.port = port or free_port()
+        self.persist = persist
         self.dir = tempfile.mkdtemp(prefix="test-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -66,7 +68,8 @@ class RedisServer:
 
     def start(self, timeout: float = 5.0) -> RedisServer:
         command = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1"]
-        command += ["--save", "", "--appendonly", "no", "--dir", self.dir, "--protected-mode", "no"]
+        command += ["--save", "", "--appendonly", "yes" if self.persist else "no"]
+        command += ["--appendfsync", "always", "--dir", self.dir, "--protected-mode", "no"]
         self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while not reachable(self.url, 0.2):

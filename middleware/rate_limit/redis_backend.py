@@ -95,13 +95,13 @@ class RedisBackend:
         return Ticket(ask, decode(reply), (settle_head, member))
 
     def release(self, ticket: Ticket, used_tokens: int) -> None:
-        if ticket.decision is None or self.breaker.state != CLOSED:
+        if ticket.decision is None:
             return
         ask = ticket.ask
         settle_head, member = ticket.handle
         extra = used_tokens - ask.tokens if ask.spec.tokens is not None else 0
         if extra or member:
-            self.batcher.settle(settle_head, HEAD_ITEMS, self._now_arg(), extra, member)
+            self.batcher.settle((settle_head, HEAD_ITEMS, self._now_arg()), extra, member)
 
     async def aclose(self) -> None:
         await self.batcher.drain()
@@ -140,7 +140,7 @@ class RedisBackend:
     def _give_back(self, settle_head: bytes, tokens: int, member: bytes, reply: Any) -> None:
         """An admission whose requester left before hearing of it: give its tokens and slot back."""
         if isinstance(reply, bytes) and reply.startswith(b"0 "):
-            self.batcher.settle(settle_head, HEAD_ITEMS, self._now_arg(), -tokens, member)
+            self.batcher.settle((settle_head, HEAD_ITEMS, self._now_arg()), -tokens, member)
 
     def _unreachable(self, ask: Ask) -> Ticket:
         if self.deny:
@@ -156,8 +156,11 @@ class RedisBackend:
         if error is None:
             if self.breaker.success():
                 log.warning("rate_limit: Redis at %s answers again; limits are enforced", self._where)
+                self.batcher.hold = False
+                self.batcher.wake()  # the settlements held meanwhile
             return
         opened = self.breaker.failure()
+        self.batcher.hold = self.breaker.state != CLOSED
         log.warning(
             "rate_limit: Redis at %s failed (%s: %s): %d calls lost, requests %s%s",
             self._where,

@@ -7,7 +7,8 @@ back with its ``read_response`` (redis-py's own connection and parser), so no co
 pipeline bookkeeping runs per request. Settlements of the same bucket are merged into one call
 (their token differences summed, their in-flight members listed), and wait up to SETTLE_DELAY_S
 for the next admission to ride along with (ahead of it): a request then costs one round trip,
-not two, even when requests come one at a time.
+not two, even when requests come one at a time. While Redis is unreachable, settlements wait
+(bounded) and go out when it answers again, so in-flight slots are not left taken by a blip.
 
 A script Redis does not know (NOSCRIPT: a restarted or flushed server) is loaded and the calls
 sent again. Nothing is retried otherwise: a call may have run although its answer was lost.
@@ -32,6 +33,8 @@ Outcome = Callable[[BaseException | None, int], None]  # (None: it worked, else 
 # A merged settlement lists at most this many in-flight members; more start a new call.
 MAX_MEMBERS: Final = 512
 SETTLE_DELAY_S: Final = 0.005
+# Buckets whose settlements may wait (while Redis is unreachable) before more are dropped.
+MAX_HELD: Final = 10_000
 
 
 def bulk(value: bytes) -> bytes:
@@ -55,14 +58,33 @@ class StoreUnavailable(Exception):
     """Redis did not answer in time, or not at all."""
 
 
+SettleKey = tuple[bytes, int, bytes]  # (command head, its items, now)
+
+
+class _Settle:
+    """Settlements of one bucket, merged: a token difference and the in-flight members to free."""
+
+    __slots__ = ("amount", "members")
+
+    def __init__(self) -> None:
+        self.amount = 0
+        self.members: list[bytes] = []
+
+
+# One command of a round trip: its bytes, who waits for its reply (admissions), what to do when
+# that one has left, and for a settlement its bucket and members (re-queued if the trip fails).
+_Call = tuple[bytes, "asyncio.Future[Any] | None", Undo | None, tuple[SettleKey, list[bytes]] | None]
+
+
 class ScriptBatcher:
     def __init__(self, client: Redis, pool: ConnectionPool, timeout_s: float, on_outcome: Outcome) -> None:
         self.client = client
         self.pool = pool
         self.timeout_s = timeout_s
         self.on_outcome = on_outcome
-        self._calls: list[tuple[bytes, asyncio.Future[Any] | None, Undo | None]] = []
-        self._settles: dict[tuple[bytes, int, bytes], list[Any]] = {}  # (head, items, now) → [sum, members…]
+        self.hold = False  # Redis is unreachable (the breaker is open): keep settlements for later
+        self._calls: list[_Call] = []
+        self._settles: dict[SettleKey, _Settle] = {}
         self._soon = False  # a flush is due in this loop iteration
         self._later: asyncio.TimerHandle | None = None  # a flush of settlements only, a little later
         self._tasks: set[asyncio.Task[None]] = set()  # round trips under way (awaited by drain)
@@ -70,29 +92,37 @@ class ScriptBatcher:
     def call(self, data: bytes, waiter: asyncio.Future[Any], undo: Undo | None = None) -> None:
         """Queue one command; ``waiter`` gets its reply, or ``undo`` does instead when the waiter
         was cancelled meanwhile (its caller left, but Redis did the work)."""
-        self._calls.append((data, waiter, undo))
+        self._calls.append((data, waiter, undo, None))
         if not self._soon:
             self._soon = True
             asyncio.get_running_loop().call_soon(self._flush)
 
-    def settle(self, head: bytes, head_items: int, now: bytes, amount: int, member: bytes) -> None:
-        """Queue a settlement of the bucket ``head`` names: merged with the others of this iteration."""
-        key = (head, head_items, now)
+    def settle(self, key: SettleKey, amount: int, member: bytes) -> None:
+        """Queue a settlement of the bucket ``key`` names, merged with the others queued for it."""
         entry = self._settles.get(key)
-        if entry is None or len(entry) > MAX_MEMBERS:
-            if entry is not None:
-                self._calls.append((self._settle_command(key, entry), None, None))
-            entry = self._settles[key] = [0]
-        entry[0] += amount
+        if entry is None:
+            if len(self._settles) >= MAX_HELD:
+                log.error("rate_limit: %d buckets' settlements wait for Redis; dropping more", MAX_HELD)
+                return
+            entry = self._settles[key] = _Settle()
+        elif len(entry.members) >= MAX_MEMBERS:
+            self._calls.append(self._settle_call(key, entry))
+            entry = self._settles[key] = _Settle()
+        entry.amount += amount
         if member:
-            entry.append(member)
-        if not self._soon and self._later is None:
+            entry.members.append(member)
+        self.wake()
+
+    def wake(self) -> None:
+        """Send the queued settlements soon (unless Redis is being skipped)."""
+        if self._settles and not self.hold and not self._soon and self._later is None:
             self._later = asyncio.get_running_loop().call_later(SETTLE_DELAY_S, self._flush)
 
     @staticmethod
-    def _settle_command(key: tuple[bytes, int, bytes], entry: list[Any]) -> bytes:
+    def _settle_call(key: SettleKey, entry: _Settle) -> _Call:
         head, items, now = key
-        return command(head, items, [now, b"%d" % entry[0], *entry[1:]])
+        data = command(head, items, [now, b"%d" % entry.amount, *entry.members])
+        return (data, None, None, (key, entry.members))
 
     def _flush(self) -> None:
         self._soon = False
@@ -100,9 +130,7 @@ class ScriptBatcher:
             self._later.cancel()
             self._later = None
         # Settlements first: they were (mostly) asked for before the admissions queued with them.
-        batch: list[tuple[bytes, asyncio.Future[Any] | None, Undo | None]] = [
-            (self._settle_command(key, entry), None, None) for key, entry in self._settles.items()
-        ]
+        batch = [self._settle_call(key, entry) for key, entry in self._settles.items()]
         self._settles.clear()
         batch += self._calls
         self._calls = []
@@ -111,10 +139,10 @@ class ScriptBatcher:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _round_trip(self, batch: list[tuple[bytes, asyncio.Future[Any] | None, Undo | None]]) -> None:
+    async def _round_trip(self, batch: list[_Call]) -> None:
         try:
             async with asyncio.timeout(self.timeout_s):
-                replies = await self._exchange([data for data, _, _ in batch])
+                replies = await self._exchange([call[0] for call in batch])
                 missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
                 if missing:
                     await self.client.script_load(lua.SCRIPT)
@@ -123,12 +151,14 @@ class ScriptBatcher:
                         replies[i] = reply
         except (RedisError, OSError, TimeoutError) as e:
             self.on_outcome(e, len(batch))
-            for _, waiter, _ in batch:
+            for _, waiter, _, settled in batch:
                 if waiter is not None and not waiter.done():
                     waiter.set_exception(StoreUnavailable(f"{type(e).__name__}: {e}"))
+                elif settled is not None:
+                    self._requeue(*settled)
             return
         self.on_outcome(None, len(batch))
-        for (_, waiter, undo), reply in zip(batch, replies, strict=True):
+        for (_, waiter, undo, _), reply in zip(batch, replies, strict=True):
             if waiter is None:
                 if isinstance(reply, Exception):
                     log.error("rate_limit: a settlement failed in Redis: %s", reply)
@@ -139,6 +169,13 @@ class ScriptBatcher:
                 waiter.set_exception(reply)
             else:
                 waiter.set_result(reply)
+
+    def _requeue(self, key: SettleKey, members: list[bytes]) -> None:
+        """A settlement that may not have reached Redis: its in-flight members are sent again
+        (freeing a slot twice is harmless; leaving it taken would block its key until the lease
+        ends). Its token difference is not: had it run, sending it again would count it twice."""
+        for member in members:
+            self.settle(key, 0, member)
 
     async def _exchange(self, commands: list[bytes]) -> list[Any]:
         """Write ``commands`` at once on one pooled connection; read their replies in order."""

@@ -272,3 +272,23 @@ async def test_the_breaker_lets_one_probe_through_and_closes_when_redis_is_back(
         assert d.tokens_remaining == 99  # a fresh server: a fresh bucket
     finally:
         await backend.aclose()
+
+
+async def test_an_in_flight_slot_freed_while_redis_is_down_is_freed_when_it_is_back(clock: FakeClock) -> None:
+    with RedisServer(persist=True) as server:  # its data survives the restart
+        config = redis_config(server.url, "t:", timeout_ms=200, breaker_failures=1, breaker_open_s=2)
+        backend = RedisBackend(config, clock)
+        capped = dataclasses.replace(SPEC, max_in_flight=1)
+        try:
+            ticket, d = await admit(backend, ask(10, capped))
+            assert d.allowed
+            server.stop()
+            backend.release(ticket, 4)  # cannot get through: held
+            await backend.batcher.drain()
+            assert backend.breaker.state == "open"
+            server.start()
+            clock.advance(2.0)
+            _, again = await admit(backend, ask(10, capped))  # the probe carries the held release first
+            assert again.allowed, again
+        finally:
+            await backend.aclose()

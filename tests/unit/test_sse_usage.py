@@ -245,6 +245,16 @@ async def test_an_iterated_body_cancelled_midway_is_charged_what_was_generated()
     assert charges.calls == [21]
 
 
+async def test_an_iterated_body_dropped_unread_is_settled() -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield delta("never read")
+
+    charges = Charges()
+    body = tap_body(chunks(), StreamSettler(SseUsageWatcher(), 20, charges))
+    body.abort()  # what a front does with a body it will not send
+    assert charges.calls == [20]
+
+
 # -- settling a response ----------------------------------------------------------------------------
 
 
