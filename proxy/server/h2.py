@@ -1,12 +1,11 @@
 """The HTTP/2 front: an asyncio.Protocol around the h2 state machine (sans-IO).
 
-Each stream becomes the same :class:`~proxy.http.Request` the HTTP/1.1 front builds and runs
-through the same chain in a task of its own; the :class:`~proxy.http.Response` goes out as
-HEADERS and DATA frames. A streamed upstream body is piped into its :class:`H2Stream` by
-callbacks, within the client's flow-control windows; what does not fit waits, bounded per stream
-(``http2.stream_buffer_bytes``), and beyond that the upstream is not read (backpressure). A
-client that stops reading the socket gets no DATA until it drains (``pause_writing``), so its
-streams fill up and pause too.
+This module is the connection: frames in, events to streams, timers, GOAWAY. Each stream
+becomes the same :class:`~proxy.http.Request` the HTTP/1.1 front builds and runs through the same
+chain in a task of its own; its :class:`~proxy.server.h2_stream.H2Stream` sends the response as
+HEADERS and DATA frames within the client's flow-control windows, bounded per stream, with
+backpressure to the upstream. A client that stops reading the socket gets no DATA until it
+drains (``pause_writing``), so its streams fill up and pause too.
 
 RST_STREAM from the client cancels the stream's task or aborts its upstream body, as an HTTP/1.1
 disconnect does. :class:`~proxy.server.h2_guard.FrameGuard` looks at every frame header first and
@@ -22,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, cast
 
 from h2.config import H2Configuration
@@ -43,9 +41,8 @@ from hpack.exceptions import HPACKError
 from hyperframe.frame import GoAwayFrame
 
 from proxy.config import Http2Config
-from proxy.errors import PayloadTooLarge, ProxyError, RequestTimeout, internal_error
-from proxy.http import HOP_BY_HOP, Headers, PipeableBody, Request, RequestContext, Response
-from proxy.server.front import error_response
+from proxy.errors import PayloadTooLarge, RequestTimeout
+from proxy.http import Headers, Request, RequestContext, Response
 from proxy.server.h2_encoder import StaticEncoder
 from proxy.server.h2_guard import ENHANCE_YOUR_CALM, FrameGuard, Violation
 from proxy.server.h2_stream import INF, H2Stream
@@ -57,9 +54,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llm_sidecar.front")
 
-# Response headers an HTTP/2 response must not carry (h2 would refuse them) or that we compute.
-_RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
-_STATUS = {code: b"%d" % code for code in range(100, 600)}
 # After a GOAWAY for an error: half-close and drop what the client still sends for this long, then
 # abort. Closing with unread input makes the kernel send a reset, which can destroy the GOAWAY
 # before the client reads it (a lingering close, as nginx does).
@@ -96,9 +90,9 @@ class H2Connection(asyncio.Protocol):
         h2.decoder.max_header_list_size = cfg.max_header_list_size
         self.guard = FrameGuard(cfg, front.clock)
         self.streams: dict[int, H2Stream] = {}
-        self._blocked: dict[H2Stream, None] = {}  # streams with pending data, in arrival order
-        self._in_batch = False  # handling received frames: flush once at the end
-        self._write_paused = False
+        self.blocked: dict[H2Stream, None] = {}  # streams with pending data, in arrival order
+        self.in_batch = False  # handling received frames: flush once at the end
+        self.write_paused = False
         self._goaway_last: int | None = None  # GOAWAY sent: streams above this id are refused
         self._dying = False  # closing for an error: nothing more is read
         self._idle_at = INF  # no stream open: the connection closes then
@@ -138,7 +132,7 @@ class H2Connection(asyncio.Protocol):
                 self._replace_goaway(ErrorCodes.COMPRESSION_ERROR)  # RFC 9113 §4.3; h2 says PROTOCOL_ERROR
             self._die(None)
             return
-        self._in_batch = True
+        self.in_batch = True
         try:
             for event in events:
                 kind = type(event)
@@ -165,12 +159,12 @@ class H2Connection(asyncio.Protocol):
             self._die(Violation(ErrorCodes.INTERNAL_ERROR, "internal error"))
             return
         finally:
-            self._in_batch = False
+            self.in_batch = False
         self.flush()
         if self.guard.in_header_block:  # a header block spans reads: it gets the header timeout
             if self._header_at == INF:
                 self._header_at = self.loop.time() + self.limits.header_timeout_s
-                self._arm(self._header_at)
+                self.arm(self._header_at)
         else:
             self._header_at = INF
 
@@ -187,15 +181,15 @@ class H2Connection(asyncio.Protocol):
             self._timer = None
         streams = list(self.streams.values())
         self.streams.clear()
-        self._blocked.clear()
+        self.blocked.clear()
         for st in streams:
             st.cancel()
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self.write_paused = True
 
     def resume_writing(self) -> None:
-        self._write_paused = False
+        self.write_paused = False
         self._on_window_update(0)
         self.flush()
 
@@ -232,10 +226,10 @@ class H2Connection(asyncio.Protocol):
         self._idle_at = INF
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limits.max_body_bytes:
-            self._answer_early(st, self._too_large())
+            st.answer_early(self._too_large())
         elif event.stream_ended is None:
             st.deadline = self.loop.time() + self.limits.body_timeout_s
-            self._arm(st.deadline)
+            self.arm(st.deadline)
 
     def _refuse(self, sid: int) -> None:
         # Events come after h2 has read the whole batch: the client may have reset it already.
@@ -253,7 +247,7 @@ class H2Connection(asyncio.Protocol):
             return
         st.body_bytes += len(data)
         if st.body_bytes > self.limits.max_body_bytes:
-            self._answer_early(st, self._too_large())
+            st.answer_early(self._too_large())
             return
         st.body.append(data)
 
@@ -269,13 +263,13 @@ class H2Connection(asyncio.Protocol):
 
     def _on_window_update(self, sid: int) -> None:
         if sid == 0:
-            for blocked in list(self._blocked):
-                self.send_pending(blocked)
+            for blocked in list(self.blocked):
+                blocked.send_pending()
         else:
             st = self.streams.get(sid)
-            if st is not None and st in self._blocked:
-                self.send_pending(st)
-        if not self._in_batch:
+            if st is not None and st in self.blocked:
+                st.send_pending()
+        if not self.in_batch:
             self.flush()
 
     def _on_reset(self, sid: int) -> None:
@@ -283,7 +277,6 @@ class H2Connection(asyncio.Protocol):
         if st is None:
             return
         in_flight = st.in_flight
-        self._blocked.pop(st, None)
         st.cancel()
         self.forget_if_done(st)
         if in_flight:
@@ -303,6 +296,7 @@ class H2Connection(asyncio.Protocol):
 
     # -- answering -------------------------------------------------------------------------------
     def _dispatch(self, st: H2Stream) -> None:
+        """The request is complete: build it, and answer it in a task of its own (H2Stream.respond)."""
         st.responding = True
         st.deadline = INF
         front = self.front
@@ -322,175 +316,9 @@ class H2Connection(asyncio.Protocol):
         st.body = []
         local = front.local.get(st.path)
         if local is not None and st.method == "GET":
-            self._send_whole(st, Response(200, Headers([(b"content-type", b"application/json")]), local))
+            st.send_whole(Response(200, Headers([(b"content-type", b"application/json")]), local))
             return
-        st.task = self.loop.create_task(self._run(st, request))
-
-    async def _run(self, st: H2Stream, request: Request) -> None:
-        try:
-            try:
-                response = await self.front.handler(request)
-            except ProxyError as e:
-                response = error_response(e)
-            except Exception:
-                log.exception("unhandled error for %s %s", request.method, request.path)
-                response = error_response(internal_error())
-            if st.reset or self.closed:
-                _discard_body(response)
-                return
-            body = response.body
-            if isinstance(body, bytes):
-                self._send_whole(st, response)
-            elif hasattr(body, "pipe"):  # a PipeableBody: an UpstreamBody, or a middleware's wrapper
-                pipeable = cast(PipeableBody, body)
-                self._send_head(st, response, getattr(body, "length", None))
-                if st.head_only or st.reset:
-                    pipeable.abort()
-                    return
-                st.producer = pipeable
-                pipeable.pipe(st)  # st.finish() / st.fail() complete the response, from upstream callbacks
-                if st.paused and st.producer is pipeable:  # the replay filled the stream's buffer
-                    pipeable.pause_producing()
-            else:
-                self._send_head(st, response, None)
-                await self._write_iter(st, body)
-        except asyncio.CancelledError:
-            pass  # the stream was reset or the connection lost: st.cancel() has cleaned up
-        finally:
-            st.task = None
-            self.forget_if_done(st)
-
-    def _answer_early(self, st: H2Stream, err: ProxyError) -> None:
-        """Answer before the request is complete (413, 408); the rest of the body is refused."""
-        st.responding = True
-        st.deadline = INF
-        st.body = []
-        self._send_whole(st, error_response(err))
-
-    def _send_head(
-        self, st: H2Stream, response: Response, length: int | None, end: bool = False, flush: bool = True
-    ) -> None:
-        headers = [(b":status", _STATUS.get(response.status) or b"%d" % response.status)]
-        headers.extend(kv for kv in response.headers if kv[0] not in _RESPONSE_DROP)
-        if st.request is not None:
-            headers.append((b"x-request-id", st.request.ctx.request_id))
-        if length is not None:
-            headers.append((b"content-length", b"%d" % length))
-        try:
-            self.h2.send_headers(st.sid, headers, end_stream=end or st.head_only)
-        except (StreamClosedError, ProtocolError) as e:
-            log.debug("stream %d of %s: response head not sent: %s", st.sid, self.peer, e)
-            st.cancel()
-            return
-        if end or st.head_only:
-            st.ended = True
-            self._after_end(st)
-        if flush and not self._in_batch:
-            self.flush()
-
-    def _send_whole(self, st: H2Stream, response: Response) -> None:
-        """Head and body in one flush (one write to the socket when the window allows)."""
-        body = response.body
-        assert isinstance(body, bytes)
-        self._send_head(st, response, len(body), end=not body, flush=False)
-        if body and not st.ended and not st.reset:
-            st.pending.append(body)
-            st.pending_bytes += len(body)
-            st.end_pending = True
-            self.send_pending(st)
-        if not self._in_batch:
-            self.flush()
-        self.forget_if_done(st)
-
-    async def _write_iter(self, st: H2Stream, body: AsyncIterator[bytes]) -> None:
-        try:
-            async for chunk in body:
-                st.write(chunk)
-                if st.reset:
-                    break
-                if st.paused:
-                    st.drain = self.loop.create_future()
-                    await st.drain
-        except asyncio.CancelledError:
-            await _aclose(body)
-            raise
-        except Exception as e:
-            await _aclose(body)
-            st.fail(e)
-            return
-        if st.reset:
-            await _aclose(body)
-            return
-        st.finish()
-
-    # -- sending (also called by H2Stream) --------------------------------------------------------
-    def send_pending(self, st: H2Stream) -> None:
-        """Send what the windows let out of ``st.pending``, then END_STREAM when it is due."""
-        if st.reset or st.ended:
-            return
-        h2 = self.h2
-        queue = st.pending
-        sid = st.sid
-        before = st.pending_bytes
-        try:
-            while queue and not self._write_paused:
-                window = h2.local_flow_control_window(sid)
-                if window <= 0:
-                    break
-                chunk = queue[0]
-                size = len(chunk)
-                room = min(window, h2.max_outbound_frame_size)
-                if size <= room:
-                    queue.popleft()
-                    last = not queue and st.end_pending
-                    h2.send_data(sid, chunk, end_stream=last)
-                    st.pending_bytes -= size
-                    if last:
-                        st.ended = True
-                else:
-                    view = chunk if isinstance(chunk, memoryview) else memoryview(chunk)
-                    queue[0] = view[room:]
-                    h2.send_data(sid, view[:room])
-                    st.pending_bytes -= room
-                self.guard.note_data_sent()
-            if not queue and st.end_pending and not st.ended:
-                h2.end_stream(sid)
-                st.ended = True
-        except (StreamClosedError, ProtocolError) as e:
-            log.debug("stream %d of %s: data not sent: %s", sid, self.peer, e)
-            self._blocked.pop(st, None)
-            st.cancel()
-            return
-        if queue:
-            if st.pending_bytes < before or st not in self._blocked:  # the send timeout starts over
-                st.stalled_at = self.loop.time() + self.cfg.send_timeout_s
-                self._arm(st.stalled_at)
-            self._blocked[st] = None
-        elif st in self._blocked:
-            del self._blocked[st]
-            st.stalled_at = INF
-        if st.paused and st.pending_bytes <= self.cfg.stream_buffer_bytes // 2:
-            st.drained()
-        if st.ended:
-            self._after_end(st)
-
-    def _after_end(self, st: H2Stream) -> None:
-        """The response is complete; a request still being sent is refused (RFC 9113 §8.1)."""
-        if not st.request_done and not st.reset:
-            st.reset = True
-            with contextlib.suppress(StreamClosedError, ProtocolError):
-                self.h2.reset_stream(st.sid, ErrorCodes.NO_ERROR)
-
-    def stream_failed(self, st: H2Stream, exc: BaseException) -> None:
-        if not isinstance(exc, ProxyError | asyncio.CancelledError):
-            log.error("stream %d to %s failed: %r", st.sid, self.peer, exc)
-        if not st.reset and not self.closed:
-            with contextlib.suppress(StreamClosedError, ProtocolError):
-                self.h2.reset_stream(st.sid, ErrorCodes.INTERNAL_ERROR)
-        self._blocked.pop(st, None)
-        st.cancel()
-        self.flush()
-        self.forget_if_done(st)
+        st.task = self.loop.create_task(st.respond(request))
 
     def forget_if_done(self, st: H2Stream) -> None:
         """Drop a stream once both sides are done (or it was reset) and its task has returned."""
@@ -500,7 +328,7 @@ class H2Connection(asyncio.Protocol):
             return
         if self.streams.pop(st.sid, None) is None:
             return
-        self._blocked.pop(st, None)
+        self.blocked.pop(st, None)
         if not self.streams:
             if self._goaway_last is not None:
                 self._close()
@@ -514,7 +342,7 @@ class H2Connection(asyncio.Protocol):
         data = self.h2.data_to_send()
         if data:
             transport.write(data)
-            if self._write_paused and transport.get_write_buffer_size() > self.cfg.max_send_buffer_bytes:
+            if self.write_paused and transport.get_write_buffer_size() > self.cfg.max_send_buffer_bytes:
                 log.info("HTTP/2 client %s stopped reading; closing", self.peer)
                 self.abort()
 
@@ -548,7 +376,7 @@ class H2Connection(asyncio.Protocol):
         self.flush()
         streams = list(self.streams.values())
         self.streams.clear()
-        self._blocked.clear()
+        self.blocked.clear()
         for st in streams:
             st.cancel()
         transport = self.transport
@@ -580,9 +408,9 @@ class H2Connection(asyncio.Protocol):
     # -- timeouts --------------------------------------------------------------------------------
     def _became_idle(self) -> None:
         self._idle_at = self.loop.time() + self.cfg.idle_timeout_s
-        self._arm(self._idle_at)
+        self.arm(self._idle_at)
 
-    def _arm(self, when: float) -> None:
+    def arm(self, when: float) -> None:
         timer = self._timer
         if timer is None or timer.when() > when:
             if timer is not None:
@@ -603,43 +431,23 @@ class H2Connection(asyncio.Protocol):
         nearest = min(self._idle_at if not self.streams else INF, self._header_at)
         for st in list(self.streams.values()):
             if st.deadline <= now:
-                self._answer_early(st, RequestTimeout("the client took too long to send the request body"))
+                st.answer_early(RequestTimeout("the client took too long to send the request body"))
             elif st.stalled_at <= now:
                 self._stalled(st)
             else:
                 nearest = min(nearest, st.deadline, st.stalled_at)
         self.flush()
         if nearest < INF:
-            self._arm(nearest)
+            self.arm(nearest)
 
     def _stalled(self, st: H2Stream) -> None:
         """The client let nothing of this response through for ``http2.send_timeout_s``."""
         log.info("HTTP/2 client %s took no data on stream %d for %g s; resetting it", self.peer, st.sid,
                  self.cfg.send_timeout_s)  # fmt: skip
-        self._blocked.pop(st, None)
-        with contextlib.suppress(StreamClosedError, ProtocolError):
-            self.h2.reset_stream(st.sid, ErrorCodes.CANCEL)
-        st.cancel()
+        st.reset_by_us(ErrorCodes.CANCEL)
         self.forget_if_done(st)
 
     def _too_large(self) -> PayloadTooLarge:
         return PayloadTooLarge(
             f"request body exceeds {self.limits.max_body_bytes} bytes (limits.max_body_bytes)"
         )
-
-
-async def _aclose(body: AsyncIterator[bytes]) -> None:
-    aclose = getattr(body, "aclose", None)
-    if aclose is not None:
-        try:
-            await aclose()
-        except Exception:
-            log.debug("error closing a response body", exc_info=True)
-
-
-def _discard_body(response: Response) -> None:
-    body = response.body
-    if not isinstance(body, bytes):
-        abort = getattr(body, "abort", None)
-        if abort is not None:
-            abort()

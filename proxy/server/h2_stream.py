@@ -1,24 +1,39 @@
 """One HTTP/2 stream of the front: the request as it arrives, the response as it leaves.
 
-A stream is the ``BodySink`` a streamed upstream body is piped into. What the client's
-flow-control window does not let out yet waits in ``pending``; above
-``http2.stream_buffer_bytes`` the producer is paused (``pause_producing``: the upstream
-connection stops being read) and it resumes once the client's WINDOW_UPDATEs drained the queue
-to half of that. The connection (proxy/server/h2.py) does the sending.
+The connection (proxy/server/h2.py) collects the request; :meth:`H2Stream.respond` runs it
+through the chain and sends the response: HEADERS, then DATA within the client's flow-control
+windows. A stream is the ``BodySink`` a streamed upstream body is piped into. What the windows
+do not let out yet waits in ``pending``; above ``http2.stream_buffer_bytes`` the producer is
+paused (``pause_producing``: the upstream connection stops being read), and it resumes once the
+client's WINDOW_UPDATEs have drained the queue to half of that. A stream that can send nothing
+for ``http2.send_timeout_s`` is reset by the connection's timer (``stalled_at``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, cast
 
-from proxy.http import Headers, PipeableBody, Request
+from h2.errors import ErrorCodes
+from h2.exceptions import ProtocolError, StreamClosedError
+
+from proxy.errors import ProxyError, internal_error
+from proxy.http import HOP_BY_HOP, Headers, PipeableBody, Request, Response
+from proxy.server.front import error_response
 
 if TYPE_CHECKING:
     from proxy.server.h2 import H2Connection
 
+log = logging.getLogger("llm_sidecar.front")
+
 INF = float("inf")
+# Response headers an HTTP/2 response must not carry (h2 is not asked to check) or that we compute.
+_RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
+_STATUS = {code: b"%d" % code for code in range(100, 600)}
 
 
 class H2Stream:
@@ -76,6 +91,167 @@ class H2Stream:
         """The client would still get something on this stream."""
         return not self.ended and not self.reset
 
+    # -- the response ------------------------------------------------------------------------------
+    async def respond(self, request: Request) -> None:
+        """The stream's task: the chain, then the response (piped, iterated or whole)."""
+        conn = self.conn
+        try:
+            try:
+                response = await conn.front.handler(request)
+            except ProxyError as e:
+                response = error_response(e)
+            except Exception:
+                log.exception("unhandled error for %s %s", request.method, request.path)
+                response = error_response(internal_error())
+            if self.reset or conn.closed:
+                _discard_body(response)
+                return
+            body = response.body
+            if isinstance(body, bytes):
+                self.send_whole(response)
+            elif hasattr(body, "pipe"):  # a PipeableBody: an UpstreamBody, or a middleware's wrapper
+                pipeable = cast(PipeableBody, body)
+                self.send_head(response, getattr(body, "length", None))
+                if self.head_only or self.reset:
+                    pipeable.abort()
+                    return
+                self.producer = pipeable
+                pipeable.pipe(self)  # finish() / fail() complete the response, from upstream callbacks
+                if self.paused and self.producer is pipeable:  # the replay filled the buffer
+                    pipeable.pause_producing()
+            else:
+                self.send_head(response, None)
+                await self._write_iter(body)
+        except asyncio.CancelledError:
+            pass  # the stream was reset or the connection lost: cancel() has cleaned up
+        finally:
+            self.task = None
+            conn.forget_if_done(self)
+
+    def send_head(
+        self, response: Response, length: int | None, end: bool = False, flush: bool = True
+    ) -> None:
+        conn = self.conn
+        headers = [(b":status", _STATUS.get(response.status) or b"%d" % response.status)]
+        headers.extend(kv for kv in response.headers if kv[0] not in _RESPONSE_DROP)
+        if self.request is not None:
+            headers.append((b"x-request-id", self.request.ctx.request_id))
+        if length is not None:
+            headers.append((b"content-length", b"%d" % length))
+        end = end or self.head_only
+        try:
+            conn.h2.send_headers(self.sid, headers, end_stream=end)
+        except (StreamClosedError, ProtocolError) as e:
+            log.debug("stream %d of %s: response head not sent: %s", self.sid, conn.peer, e)
+            self.cancel()
+            return
+        if end:
+            self.ended = True
+            self._after_end()
+        if flush and not conn.in_batch:
+            conn.flush()
+
+    def send_whole(self, response: Response) -> None:
+        """Head and body in one flush (one write to the socket when the window allows)."""
+        body = response.body
+        assert isinstance(body, bytes)
+        conn = self.conn
+        self.send_head(response, len(body), end=not body, flush=False)
+        if body and not self.ended and not self.reset:
+            self.pending.append(body)
+            self.pending_bytes += len(body)
+            self.end_pending = True
+            self.send_pending()
+        if not conn.in_batch:
+            conn.flush()
+        conn.forget_if_done(self)
+
+    def answer_early(self, err: ProxyError) -> None:
+        """Answer before the request is complete (413, 408); the rest of the body is refused."""
+        self.responding = True
+        self.deadline = INF
+        self.body = []
+        self.send_whole(error_response(err))
+
+    async def _write_iter(self, body: AsyncIterator[bytes]) -> None:
+        try:
+            async for chunk in body:
+                self.write(chunk)
+                if self.reset:
+                    break
+                if self.paused:
+                    self.drain = self.conn.loop.create_future()
+                    await self.drain
+        except asyncio.CancelledError:
+            await _aclose(body)
+            raise
+        except Exception as e:
+            await _aclose(body)
+            self.fail(e)
+            return
+        if self.reset:
+            await _aclose(body)
+            return
+        self.finish()
+
+    def send_pending(self) -> None:
+        """Send what the windows let out of ``pending``, then END_STREAM when it is due."""
+        if self.reset or self.ended:
+            return
+        conn = self.conn
+        h2 = conn.h2
+        queue = self.pending
+        sid = self.sid
+        before = self.pending_bytes
+        try:
+            while queue and not conn.write_paused:
+                window = h2.local_flow_control_window(sid)
+                if window <= 0:
+                    break
+                chunk = queue[0]
+                size = len(chunk)
+                room = min(window, h2.max_outbound_frame_size)
+                if size <= room:
+                    queue.popleft()
+                    last = not queue and self.end_pending
+                    h2.send_data(sid, chunk, end_stream=last)
+                    self.pending_bytes -= size
+                    if last:
+                        self.ended = True
+                else:
+                    view = chunk if isinstance(chunk, memoryview) else memoryview(chunk)
+                    queue[0] = view[room:]
+                    h2.send_data(sid, view[:room])
+                    self.pending_bytes -= room
+                conn.guard.note_data_sent()
+            if not queue and self.end_pending and not self.ended:
+                h2.end_stream(sid)
+                self.ended = True
+        except (StreamClosedError, ProtocolError) as e:
+            log.debug("stream %d of %s: data not sent: %s", sid, conn.peer, e)
+            self.cancel()
+            return
+        blocked = conn.blocked
+        if queue:
+            if self.pending_bytes < before or self not in blocked:  # the send timeout starts over
+                self.stalled_at = conn.loop.time() + conn.cfg.send_timeout_s
+                conn.arm(self.stalled_at)
+            blocked[self] = None
+        elif self in blocked:
+            del blocked[self]
+            self.stalled_at = INF
+        if self.paused and self.pending_bytes <= conn.cfg.stream_buffer_bytes // 2:
+            self._drained()
+        if self.ended:
+            self._after_end()
+
+    def _after_end(self) -> None:
+        """The response is complete; a request still being sent is refused (RFC 9113 §8.1)."""
+        if not self.request_done and not self.reset:
+            self.reset = True
+            with contextlib.suppress(StreamClosedError, ProtocolError):
+                self.conn.h2.reset_stream(self.sid, ErrorCodes.NO_ERROR)
+
     # -- BodySink --------------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
         if self.reset or not data:
@@ -83,42 +259,48 @@ class H2Stream:
         self.pending.append(data)
         self.pending_bytes += len(data)
         conn = self.conn
-        conn.send_pending(self)
+        self.send_pending()
         if self.pending_bytes > conn.cfg.stream_buffer_bytes and not self.paused and not self.reset:
             self.paused = True
             if self.producer is not None:
                 self.producer.pause_producing()
-        conn.flush()
+        if not conn.in_batch:
+            conn.flush()
 
     def finish(self) -> None:
         self.producer = None
         conn = self.conn
         if not self.reset:
             self.end_pending = True
-            conn.send_pending(self)
-            conn.flush()
+            self.send_pending()
+            if not conn.in_batch:
+                conn.flush()
         conn.forget_if_done(self)
 
     def fail(self, exc: BaseException) -> None:
         """The upstream failed mid-body: RST_STREAM tells the client the response is cut short."""
         self.producer = None
-        self.conn.stream_failed(self, exc)
+        conn = self.conn
+        if not isinstance(exc, ProxyError | asyncio.CancelledError):
+            log.error("stream %d to %s failed: %r", self.sid, conn.peer, exc)
+        self.reset_by_us(ErrorCodes.INTERNAL_ERROR)
+        conn.flush()
+        conn.forget_if_done(self)
 
-    # -- called by the connection ------------------------------------------------------------------
-    def drained(self) -> None:
-        """``pending`` fell to half the bound: let the producer go on."""
-        self.paused = False
-        if self.producer is not None:
-            self.producer.resume_producing()
-        drain = self.drain
-        if drain is not None and not drain.done():
-            drain.set_result(None)
+    # -- ending it early ---------------------------------------------------------------------------
+    def reset_by_us(self, error_code: int) -> None:
+        """RST_STREAM with ``error_code`` (unless the stream is already reset), then cancel()."""
+        if not self.reset and not self.conn.closed:
+            with contextlib.suppress(StreamClosedError, ProtocolError):
+                self.conn.h2.reset_stream(self.sid, error_code)
+        self.cancel()
 
     def cancel(self) -> None:
         """Reset (by either side) or the connection is gone: stop the upstream work."""
         self.reset = True
         self.pending.clear()
         self.pending_bytes = 0
+        self.conn.blocked.pop(self, None)
         producer = self.producer
         if producer is not None:
             self.producer = None
@@ -131,3 +313,29 @@ class H2Stream:
         drain = self.drain
         if drain is not None and not drain.done():
             drain.cancel()
+
+    def _drained(self) -> None:
+        """``pending`` fell to half the bound: let the producer go on."""
+        self.paused = False
+        if self.producer is not None:
+            self.producer.resume_producing()
+        drain = self.drain
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+
+async def _aclose(body: AsyncIterator[bytes]) -> None:
+    aclose = getattr(body, "aclose", None)
+    if aclose is not None:
+        try:
+            await aclose()
+        except Exception:
+            log.debug("error closing a response body", exc_info=True)
+
+
+def _discard_body(response: Response) -> None:
+    body = response.body
+    if not isinstance(body, bytes):
+        abort = getattr(body, "abort", None)
+        if abort is not None:
+            abort()
