@@ -18,7 +18,9 @@ class RedisConfig:
     )
     key_prefix: str = opt("llm-sidecar:rl:", "prefix of every key this middleware writes", min_len=1)
     timeout_ms: float = opt(50.0, "longest wait for a Redis round trip; then on_redis_error decides", min=1)
-    max_connections: int = opt(16, "connections to Redis (calls are pipelined: a few suffice)", min=1)
+    max_connections: int = opt(
+        4, "connections to Redis, each one round trip at a time (calls meanwhile go in its next)", min=1
+    )
     breaker_failures: int = opt(3, "failed round trips in a row after which Redis is skipped", min=1)
     breaker_open_s: float = opt(2.0, "how long Redis is skipped before one request tries it again", min=0.01)
     in_flight_lease_s: float = opt(

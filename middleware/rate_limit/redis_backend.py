@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -45,18 +45,15 @@ class RedisBackend:
     def __init__(self, config: RateLimitConfig, clock: Clock, now: Callable[[], float] | None = None) -> None:
         rc = config.redis
         timeout_s = rc.timeout_ms / 1000
-        self.pool = BlockingConnectionPool.from_url(
+        self.pool = ConnectionPool.from_url(  # only to make the batcher's connections
             rc.url,
-            max_connections=rc.max_connections,
-            timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             socket_timeout=None,  # every round trip has its own deadline (redis_batcher.py)
             # No retries: a script call may have run although its answer was lost, so sending it
             # again could take twice. The deadline and the breaker decide instead.
             retry=Retry(NoBackoff(), 0),
         )
-        self.client = Redis(connection_pool=self.pool)
-        self.batcher = ScriptBatcher(self.client, self.pool, timeout_s, self._outcome)
+        self.batcher = ScriptBatcher(self.pool, rc.max_connections, timeout_s, self._outcome)
         self.breaker = Breaker(rc.breaker_failures, rc.breaker_open_s, clock)
         self.deny = config.on_redis_error == "deny"
         self.prefix = rc.key_prefix
@@ -104,8 +101,7 @@ class RedisBackend:
             self.batcher.settle((settle_head, HEAD_ITEMS, self._now_arg()), extra, member)
 
     async def aclose(self) -> None:
-        await self.batcher.drain()
-        await self.client.aclose()
+        await self.batcher.aclose()
         await self.pool.disconnect()
 
     # -- helpers --------------------------------------------------------------------------------------

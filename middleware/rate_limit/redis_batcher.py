@@ -1,17 +1,23 @@
-"""Script calls to Redis, batched: everything asked in one event-loop iteration leaves as one write
-and comes back as one read, under one deadline.
+"""Script calls to Redis, batched: what was asked while a connection was busy (or in the same
+event-loop iteration) leaves as one write and comes back as one read, under one deadline.
 
-Hot-path economy: a call is bytes already in RESP form (the constant part of each bucket's command
-is encoded once, see ``command``), written with the connection's ``send_packed_command`` and read
-back with its ``read_response`` (redis-py's own connection and parser), so no command packing or
-pipeline bookkeeping runs per request. Settlements of the same bucket are merged into one call
-(their token differences summed, their in-flight members listed), and wait up to SETTLE_DELAY_S
-for the next admission to ride along with (ahead of it): a request then costs one round trip,
-not two, even when requests come one at a time. While Redis is unreachable, settlements wait
-(bounded) and go out when it answers again, so in-flight slots are not left taken by a blip.
+The batcher has its own few connections (``redis.max_connections``, redis-py's own connection and
+parser), each carrying one round trip at a time: calls queue up meanwhile and all go in its next
+write, so batches grow with the load by themselves. Hot-path economy: a call is bytes already in
+RESP form (the constant part of each bucket's command is encoded once, see ``command``), written
+with ``send_packed_command`` and read back with ``read_response``; no command packing, pool or
+pipeline bookkeeping, and no task per call (one per busy connection).
+
+Settlements of the same bucket are merged into one call (their token differences summed, their
+in-flight members listed), and wait up to SETTLE_DELAY_S for the next admission to ride along with
+(ahead of it): a request then costs one round trip, not two, even when requests come one at a
+time. While Redis is unreachable, settlements wait (bounded) and go out when it answers again, so
+in-flight slots are not left taken by a blip.
 
 A script Redis does not know (NOSCRIPT: a restarted or flushed server) is loaded and the calls
-sent again. Nothing is retried otherwise: a call may have run although its answer was lost.
+sent again. A connection found closed by the server when it is used again (Redis restarted while
+it was idle) is opened afresh and the batch sent once more. Nothing is retried otherwise: a call
+may have run although its answer was lost.
 """
 
 from __future__ import annotations
@@ -21,8 +27,8 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
-from redis.asyncio import ConnectionPool, Redis
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.asyncio import Connection, ConnectionPool
+from redis.exceptions import ConnectionError, NoScriptError, RedisError, ResponseError
 
 from middleware.rate_limit import lua
 
@@ -54,6 +60,9 @@ def command(head: bytes, head_items: int, tail: Sequence[bytes]) -> bytes:
     return b"*%d\r\n%b%b" % (head_items + len(tail), head, b"".join(bulk(x) for x in tail))
 
 
+LOAD_SCRIPT: Final = command(b"", 0, [b"SCRIPT", b"LOAD", lua.SCRIPT.encode()])
+
+
 class StoreUnavailable(Exception):
     """Redis did not answer in time, or not at all."""
 
@@ -77,9 +86,7 @@ _Call = tuple[bytes, "asyncio.Future[Any] | None", Undo | None, tuple[SettleKey,
 
 
 class ScriptBatcher:
-    def __init__(self, client: Redis, pool: ConnectionPool, timeout_s: float, on_outcome: Outcome) -> None:
-        self.client = client
-        self.pool = pool
+    def __init__(self, pool: ConnectionPool, connections: int, timeout_s: float, on_outcome: Outcome) -> None:
         self.timeout_s = timeout_s
         self.on_outcome = on_outcome
         self.hold = False  # Redis is unreachable (the breaker is open): keep settlements for later
@@ -87,7 +94,11 @@ class ScriptBatcher:
         self._settles: dict[SettleKey, _Settle] = {}
         self._soon = False  # a flush is due in this loop iteration
         self._later: asyncio.TimerHandle | None = None  # a flush of settlements only, a little later
-        self._tasks: set[asyncio.Task[None]] = set()  # round trips under way (awaited by drain)
+        self._free: list[Connection] = [
+            pool.make_connection()  # type: ignore[no-untyped-call]
+            for _ in range(connections)
+        ]
+        self._tasks: set[asyncio.Task[None]] = set()  # one per busy connection (awaited by drain)
 
     def call(self, data: bytes, waiter: asyncio.Future[Any], undo: Undo | None = None) -> None:
         """Queue one command; ``waiter`` gets its reply, or ``undo`` does instead when the waiter
@@ -129,24 +140,51 @@ class ScriptBatcher:
         if self._later is not None:
             self._later.cancel()
             self._later = None
-        # Settlements first: they were (mostly) asked for before the admissions queued with them.
-        batch = [self._settle_call(key, entry) for key, entry in self._settles.items()]
-        self._settles.clear()
-        batch += self._calls
-        self._calls = []
-        if batch:
-            task = asyncio.get_running_loop().create_task(self._round_trip(batch))
+        if self._free and (self._calls or self._settles):
+            conn = self._free.pop()
+            task = asyncio.get_running_loop().create_task(self._carry(conn))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        # else every connection is busy: each takes what queued up when its round trip ends
 
-    async def _round_trip(self, batch: list[_Call]) -> None:
+    def _take(self) -> list[_Call]:
+        """What is queued. Settlements wait while Redis is skipped, unless they can ride along with
+        an admission (the breaker's probe); they go first: they were (mostly) asked for before."""
+        batch = []
+        if self._calls or not self.hold:
+            batch = [self._settle_call(key, entry) for key, entry in self._settles.items()]
+            self._settles.clear()
+        batch += self._calls
+        self._calls = []
+        return batch
+
+    async def _carry(self, conn: Connection) -> None:
+        """Round trips on ``conn`` while something is queued and Redis answers."""
+        try:
+            while (batch := self._take()) and await self._round_trip(conn, batch):
+                pass
+        finally:
+            self._free.append(conn)
+        if self._calls:  # admissions that queued behind a failed round trip: their own try
+            self._flush()
+
+    async def _round_trip(self, conn: Connection, batch: list[_Call]) -> bool:
         try:
             async with asyncio.timeout(self.timeout_s):
-                replies = await self._exchange([call[0] for call in batch])
+                commands = [call[0] for call in batch]
+                reused = conn.is_connected
+                try:
+                    replies = await self._exchange(conn, commands)
+                except ConnectionError:
+                    if not reused:
+                        raise
+                    replies = await self._exchange(conn, commands)  # it had died idle: once more
                 missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
                 if missing:
-                    await self.client.script_load(lua.SCRIPT)
-                    again = await self._exchange([batch[i][0] for i in missing])
+                    [loaded] = await self._exchange(conn, [LOAD_SCRIPT])
+                    if isinstance(loaded, Exception):
+                        raise loaded
+                    again = await self._exchange(conn, [batch[i][0] for i in missing])
                     for i, reply in zip(missing, again, strict=True):
                         replies[i] = reply
         except (RedisError, OSError, TimeoutError) as e:
@@ -156,12 +194,14 @@ class ScriptBatcher:
                     waiter.set_exception(StoreUnavailable(f"{type(e).__name__}: {e}"))
                 elif settled is not None:
                     self._requeue(*settled)
-            return
+            return False
         self.on_outcome(None, len(batch))
-        for (_, waiter, undo, _), reply in zip(batch, replies, strict=True):
+        for (_, waiter, undo, settled), reply in zip(batch, replies, strict=True):
             if waiter is None:
-                if isinstance(reply, Exception):
-                    log.error("rate_limit: a settlement failed in Redis: %s", reply)
+                if isinstance(reply, Exception):  # e.g. LOADING: a restarted Redis reading its data
+                    log.warning("rate_limit: Redis refused a settlement (%s); its slots go again", reply)
+                    if settled is not None:
+                        self._requeue(*settled)
             elif waiter.cancelled():
                 if undo is not None and not isinstance(reply, Exception):
                     undo(reply)
@@ -169,6 +209,7 @@ class ScriptBatcher:
                 waiter.set_exception(reply)
             else:
                 waiter.set_result(reply)
+        return True
 
     def _requeue(self, key: SettleKey, members: list[bytes]) -> None:
         """A settlement that may not have reached Redis: its in-flight members are sent again
@@ -177,9 +218,9 @@ class ScriptBatcher:
         for member in members:
             self.settle(key, 0, member)
 
-    async def _exchange(self, commands: list[bytes]) -> list[Any]:
-        """Write ``commands`` at once on one pooled connection; read their replies in order."""
-        conn = await self.pool.get_connection()  # type: ignore[no-untyped-call]
+    @staticmethod
+    async def _exchange(conn: Connection, commands: list[bytes]) -> list[Any]:
+        """Write ``commands`` at once; read their replies in order. (It connects when it must.)"""
         try:
             await conn.send_packed_command(commands, check_health=False)
             replies: list[Any] = []
@@ -190,13 +231,18 @@ class ScriptBatcher:
                     replies.append(e)
             return replies
         except BaseException:
-            await conn.disconnect(nowait=True)  # replies may be left unread: never reuse it
+            await conn.disconnect(nowait=True)  # replies may be left unread: start afresh next time
             raise
-        finally:
-            await self.pool.release(conn)
 
     async def drain(self) -> None:
         """Send what is queued and wait (a bounded time) for the round trips under way."""
         self._flush()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=self.timeout_s * 2)
+
+    async def aclose(self) -> None:
+        await self.drain()
+        for task in self._tasks:
+            task.cancel()
+        for conn in self._free:
+            await conn.disconnect()
