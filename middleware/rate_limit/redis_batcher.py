@@ -28,7 +28,14 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from redis.asyncio import Connection, ConnectionPool
-from redis.exceptions import ConnectionError, NoScriptError, RedisError, ResponseError
+from redis.exceptions import (
+    ClusterDownError,
+    ConnectionError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 
 from middleware.rate_limit import lua
 
@@ -39,6 +46,10 @@ Outcome = Callable[[BaseException | None, int], None]  # (None: it worked, else 
 # A merged settlement lists at most this many in-flight members; more start a new call.
 MAX_MEMBERS: Final = 512
 SETTLE_DELAY_S: Final = 0.005
+# Error replies of a command Redis did not run but will later (a busy script, a cluster failing
+# over): such a settlement is sent again. (LOADING, a restarted server reading its data, fails the
+# whole round trip: redis-py raises it as a connection error.)
+TRANSIENT: Final = (TryAgainError, ClusterDownError)  # MASTERDOWN is a ClusterDownError
 # Buckets whose settlements may wait (while Redis is unreachable) before more are dropped.
 MAX_HELD: Final = 10_000
 
@@ -82,7 +93,7 @@ class _Settle:
 
 # One command of a round trip: its bytes, who waits for its reply (admissions), what to do when
 # that one has left, and for a settlement its bucket and members (re-queued if the trip fails).
-_Call = tuple[bytes, "asyncio.Future[Any] | None", Undo | None, tuple[SettleKey, list[bytes]] | None]
+_Call = tuple[bytes, "asyncio.Future[Any] | None", Undo | None, tuple[SettleKey, list[bytes], int] | None]
 
 
 class ScriptBatcher:
@@ -133,7 +144,7 @@ class ScriptBatcher:
     def _settle_call(key: SettleKey, entry: _Settle) -> _Call:
         head, items, now = key
         data = command(head, items, [now, b"%d" % entry.amount, *entry.members])
-        return (data, None, None, (key, entry.members))
+        return (data, None, None, (key, entry.members, entry.amount))
 
     def _flush(self) -> None:
         self._soon = False
@@ -161,12 +172,15 @@ class ScriptBatcher:
     async def _carry(self, conn: Connection) -> None:
         """Round trips on ``conn`` while something is queued and Redis answers."""
         try:
-            while (batch := self._take()) and await self._round_trip(conn, batch):
-                pass
+            while batch := self._take():
+                if not await self._round_trip(conn, batch):
+                    # What queued behind a failed round trip fails with it, at once: a request
+                    # waits for Redis at most the round trip under way plus its own.
+                    behind, self._calls = self._calls, []
+                    self._fail(behind, StoreUnavailable("Redis failed the round trip before"), sent=False)
+                    break
         finally:
             self._free.append(conn)
-        if self._calls:  # admissions that queued behind a failed round trip: their own try
-            self._flush()
 
     async def _round_trip(self, conn: Connection, batch: list[_Call]) -> bool:
         try:
@@ -189,19 +203,16 @@ class ScriptBatcher:
                         replies[i] = reply
         except (RedisError, OSError, TimeoutError) as e:
             self.on_outcome(e, len(batch))
-            for _, waiter, _, settled in batch:
-                if waiter is not None and not waiter.done():
-                    waiter.set_exception(StoreUnavailable(f"{type(e).__name__}: {e}"))
-                elif settled is not None:
-                    self._requeue(*settled)
+            self._fail(batch, StoreUnavailable(f"{type(e).__name__}: {e}"), sent=True)
             return False
         self.on_outcome(None, len(batch))
         for (_, waiter, undo, settled), reply in zip(batch, replies, strict=True):
             if waiter is None:
-                if isinstance(reply, Exception):  # e.g. LOADING: a restarted Redis reading its data
-                    log.warning("rate_limit: Redis refused a settlement (%s); its slots go again", reply)
-                    if settled is not None:
+                if isinstance(reply, Exception) and settled is not None:
+                    if isinstance(reply, TRANSIENT) or str(reply).startswith("BUSY"):  # did not run
                         self._requeue(*settled)
+                    else:
+                        log.error("rate_limit: Redis refused a settlement: %s", reply)
             elif waiter.cancelled():
                 if undo is not None and not isinstance(reply, Exception):
                     undo(reply)
@@ -211,10 +222,21 @@ class ScriptBatcher:
                 waiter.set_result(reply)
         return True
 
-    def _requeue(self, key: SettleKey, members: list[bytes]) -> None:
+    def _fail(self, batch: list[_Call], error: StoreUnavailable, sent: bool) -> None:
+        for _, waiter, _, settled in batch:
+            if waiter is not None:
+                if not waiter.done():
+                    waiter.set_exception(error)
+            elif settled is not None:
+                key, members, amount = settled
+                self._requeue(key, members, 0 if sent else amount)
+
+    def _requeue(self, key: SettleKey, members: list[bytes], amount: int) -> None:
         """A settlement that may not have reached Redis: its in-flight members are sent again
         (freeing a slot twice is harmless; leaving it taken would block its key until the lease
-        ends). Its token difference is not: had it run, sending it again would count it twice."""
+        ends). Its token difference only if it never ran: had it run, it would count twice."""
+        if amount:
+            self.settle(key, amount, b"")
         for member in members:
             self.settle(key, 0, member)
 
@@ -244,5 +266,8 @@ class ScriptBatcher:
         await self.drain()
         for task in self._tasks:
             task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._later is not None:
+            self._later.cancel()
         for conn in self._free:
             await conn.disconnect()
