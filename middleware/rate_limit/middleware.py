@@ -42,7 +42,7 @@ from proxy.registry import BuildContext
 from proxy.requested_model import model_and_json
 
 ANONYMOUS: Final = "anonymous"  # the scope and key id of requests that no auth identified
-NO_MODEL: Final = "-"  # the bucket of requests that name no model
+NO_MODEL: Final = "-"  # the bucket of requests that name no model, or one no route serves
 NOTHING: Final = Estimate(0, 0)
 
 
@@ -52,6 +52,7 @@ class RateLimit:
     def __init__(self, config: RateLimitConfig, context: BuildContext) -> None:
         self.cfg = config
         self.per_tenant = config.per == "tenant"
+        self.routes = frozenset(context.route_models)  # other names share one bucket: no key per typo
         self.backend: Backend
         if config.backend == "redis":
             self.backend = RedisBackend(config, context.clock)
@@ -77,7 +78,7 @@ class RateLimit:
 
         model, data = model_and_json(request)
         cost, strip = NOTHING, False
-        if model is None:
+        if model is None or model not in self.routes:
             model = NO_MODEL
         elif data is not None and spec.tokens is not None:
             cost = estimate(data, request.path, self.cfg.chars_per_token, self.cfg.default_max_tokens)

@@ -205,3 +205,13 @@ def test_go_durations_and_retry_headers() -> None:
     assert {s: duration(s) for s in cases} == cases
     assert retry_headers(0.0201) == [(b"retry-after", b"1"), (b"retry-after-ms", b"21")]
     assert retry_headers(2.5) == [(b"retry-after", b"3"), (b"retry-after-ms", b"2500")]
+
+
+async def test_names_no_route_serves_share_one_bucket(clock: FakeClock) -> None:
+    rl = limiter(clock, requests_per_minute=600, burst=1 / 600)  # one request per bucket
+    await rl(chat({"model": "typo-1", "messages": HI}), Next(json_reply()))
+    with pytest.raises(RateLimited):  # not a bucket of its own per made-up name
+        await rl(chat({"model": "typo-2", "messages": HI}), Next(json_reply()))
+    await rl(chat({"model": "demo-model", "messages": HI}), Next(json_reply()))
+    assert isinstance(rl.backend, MemoryBackend)
+    assert sorted(model for _, model in rl.backend._buckets) == ["-", "demo-model"]
