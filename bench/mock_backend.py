@@ -186,6 +186,9 @@ class Stats:
     completed: int = 0
     disconnects: int = 0
     resets: int = 0  # connections the mock aborted itself (reset knobs and reset_ratio)
+    h2_connections: int = 0  # HTTP/2 (h2c) connections accepted
+    h2_open_connections: int = 0  # of which still open
+    h2_max_open_connections: int = 0  # the most open at once
     disconnect_times: deque[float] = field(default_factory=lambda: deque(maxlen=100))
     request_ids: deque[str] = field(default_factory=lambda: deque(maxlen=10_000))
     last_request: tuple[str, str, Mapping[str, str], Any] | None = None
@@ -213,7 +216,10 @@ class MockState:
         self.faults = Faults()
 
     def reset(self) -> None:
-        self.stats = Stats(in_flight=self.stats.in_flight)
+        open_now = self.stats.h2_open_connections
+        self.stats = Stats(
+            in_flight=self.stats.in_flight, h2_open_connections=open_now, h2_max_open_connections=open_now
+        )
         self.faults = Faults()
 
     def begin(self, request: web.Request, body: bytes, knobs: Knobs) -> Call:

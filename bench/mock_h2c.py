@@ -105,6 +105,10 @@ class H2cConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        stats = self.state.stats
+        stats.h2_connections += 1
+        stats.h2_open_connections += 1
+        stats.h2_max_open_connections = max(stats.h2_max_open_connections, stats.h2_open_connections)
         self.h2.initiate_connection()
         self.h2.increment_flow_control_window(16 * 1024 * 1024)
         self.flush()
@@ -158,6 +162,7 @@ class H2cConnection(asyncio.Protocol):
             st.task.cancel()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.state.stats.h2_open_connections -= 1
         for sid in list(self.streams):
             self._drop(sid)
         self.writable.set()

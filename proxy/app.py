@@ -22,7 +22,7 @@ from proxy.server.h1 import H1Connection
 from proxy.server.h2 import H2Connection
 from proxy.server.tls import AlpnSwitch, server_context
 from proxy.upstream.base import Upstream
-from proxy.upstream.pool import H1Pool
+from proxy.upstream.factory import make_upstream
 
 log = logging.getLogger("llm_sidecar")
 
@@ -40,7 +40,7 @@ class App:
         self.clock = clock or MonotonicClock()
         self.rng = rng or random.Random()
         self.upstreams: dict[str, Upstream] = {
-            name: H1Pool(name, cfg, loop) for name, cfg in config.upstreams.items()
+            name: make_upstream(name, cfg, loop) for name, cfg in config.upstreams.items()
         }
         self.router = Router(config.routes)
         self.middleware: list[Any] = []

@@ -142,12 +142,32 @@ class UpstreamConfig:
         600.0, "request sent → response head; non-streaming LLM calls need long; then 504", min=0.001
     )
     read_timeout_s: float = opt(120.0, "longest gap between body chunks; then the stream is cut", min=0.001)
+    protocol: Literal["http1", "h2c", "h2", "auto"] = opt(
+        "auto", "http1; h2c (HTTP/2 on http://); h2 (HTTP/2 on https://); auto: ALPN on https, else http1"
+    )
+    h2_window_bytes: int = opt(
+        1024 * 1024,
+        "HTTP/2: receive window per stream; response bytes held for a slow client before the stream waits",
+        min=65535,
+        max=2**31 - 1,
+    )
+    h2_connection_window_bytes: int = opt(
+        16 * 1024 * 1024, "HTTP/2: receive window of each connection", min=65535, max=2**31 - 1
+    )
+    h2_ping_interval_s: float = opt(
+        10.0, "HTTP/2: a connection silent this long is sent a PING (also before reuse)", min=0.001
+    )
+    h2_ping_timeout_s: float = opt(5.0, "HTTP/2: no frame back this long after a PING → closed", min=0.001)
 
     def validate(self) -> list[tuple[str, str]]:
         try:
-            parse_upstream_url(self.url)
+            address = parse_upstream_url(self.url)
         except ValueError as e:
             return [("url", str(e))]
+        if self.protocol == "h2c" and address.scheme != "http":
+            return [("protocol", "h2c is HTTP/2 without TLS: use an http:// url, or protocol h2 for https")]
+        if self.protocol == "h2" and address.scheme != "https":
+            return [("protocol", "h2 is HTTP/2 over TLS: use an https:// url, or protocol h2c for http")]
         return []
 
 
