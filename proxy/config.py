@@ -125,6 +125,12 @@ class Http2Config:
     max_send_buffer_bytes: int = opt(
         1024 * 1024, "bytes waiting in the socket for a client that stopped reading; more → closed", min=65536
     )
+    max_buffered_body_bytes: int = opt(
+        32 * 1024 * 1024,
+        "request body bytes one connection holds (all its streams); above, received DATA is not "
+        "acknowledged until requests complete (at least limits.max_body_bytes)",
+        min=65536,
+    )
 
 
 @dataclass(frozen=True)

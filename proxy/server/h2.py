@@ -98,6 +98,11 @@ class H2Connection(asyncio.Protocol):
         self._idle_at = INF  # no stream open: the connection closes then
         self._header_at = INF  # a header block spans reads: it must be complete by then
         self._timer: asyncio.TimerHandle | None = None
+        # Request bodies held by this connection's streams, and the DATA not acknowledged while
+        # that is above the bound (the client's windows then close: it stops sending).
+        self.body_held = 0
+        self.body_bound = max(cfg.max_buffered_body_bytes, front.limits.max_body_bytes)
+        self._unacked: list[tuple[int, int]] = []
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -238,18 +243,40 @@ class H2Connection(asyncio.Protocol):
 
     def _on_data(self, event: DataReceived) -> None:
         sid = event.stream_id
-        if event.flow_controlled_length:
-            # Handed back at once: a request body is bounded by limits.max_body_bytes instead.
-            self.h2.acknowledge_received_data(event.flow_controlled_length, sid)
         st = self.streams.get(sid)
         data = event.data
+        flow = event.flow_controlled_length
         if st is None or st.responding or not data:
+            if flow:
+                self.h2.acknowledge_received_data(flow, sid)
             return
         st.body_bytes += len(data)
+        self.body_held += len(data)
+        if flow:
+            if self.body_held <= self.body_bound or self._oldest_receiving(st):
+                self.h2.acknowledge_received_data(flow, sid)
+            else:  # over the bound: the window stays shut until requests complete
+                self._unacked.append((sid, flow))
         if st.body_bytes > self.limits.max_body_bytes:
             st.answer_early(self._too_large())
             return
         st.body.append(data)
+
+    def _oldest_receiving(self, st: H2Stream) -> bool:
+        """The lowest stream still sending its body is always let through, so one body can
+        always complete however the others filled the bound (it is at most max_body_bytes)."""
+        return all(o.sid >= st.sid for o in self.streams.values() if not o.request_done and not o.responding)
+
+    def _release_body(self, st: H2Stream) -> None:
+        """A stream is gone: its body no longer counts; below the bound, withheld acks go out."""
+        self.body_held -= st.body_bytes
+        st.body_bytes = 0
+        if self._unacked and self.body_held <= self.body_bound:
+            unacked, self._unacked = self._unacked, []
+            for sid, flow in unacked:
+                self.h2.acknowledge_received_data(flow, sid)
+            if not self.in_batch:
+                self.flush()
 
     def _on_stream_ended(self, sid: int) -> None:
         st = self.streams.get(sid)
@@ -329,6 +356,8 @@ class H2Connection(asyncio.Protocol):
         if self.streams.pop(st.sid, None) is None:
             return
         self.blocked.pop(st, None)
+        if st.body_bytes:
+            self._release_body(st)
         if not self.streams:
             if self._goaway_last is not None:
                 self._close()
