@@ -110,6 +110,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.sending: dict[int, _Stream] = {}  # streams with request body left to send
         self._resolve: list[_Stream] = []  # heads received in this batch
         self._timer: asyncio.TimerHandle | None = None
+        self._flush_queued = False
         h2 = H2State(
             H2Configuration(
                 client_side=True,
@@ -212,7 +213,9 @@ class H2UpstreamConnection(asyncio.Protocol):
         st.timer = self.loop.call_later(cfg.first_byte_timeout_s, self._head_timeout, st)
         if self.last_recv < self.loop.time() - cfg.h2_ping_interval_s:
             self._ping()  # silent for long: is it still there?
-        self.flush()
+        if not self._flush_queued:  # the requests sent in one loop iteration go out in one write
+            self._flush_queued = True
+            self.loop.call_soon(self._queued_flush)
         try:
             return await waiter
         except asyncio.CancelledError:
@@ -467,6 +470,10 @@ class H2UpstreamConnection(asyncio.Protocol):
         self._arm(max(nearest, now + 0.001))
 
     # -- the connection --------------------------------------------------------------------------
+    def _queued_flush(self) -> None:
+        self._flush_queued = False
+        self.flush()
+
     def flush(self) -> None:
         transport = self.transport
         if transport is None or self.closed:
