@@ -19,6 +19,8 @@ from proxy.errors import UpstreamClosed, UpstreamProtocolError, UpstreamTimeout
 from proxy.http import BodySink, Headers
 from proxy.upstream.base import RESPONSE_DROP
 
+INF = float("inf")
+
 if TYPE_CHECKING:
     from proxy.upstream.pool import H1Pool
 
@@ -146,7 +148,11 @@ class H1Connection(asyncio.Protocol):
         self.reused = False  # served an exchange before: a failure may be a stale keep-alive
         self.idle_since = 0.0
         self._waiter: asyncio.Future[tuple[int, Headers, bytes | UpstreamBody]] | None = None
+        # One timer per connection, armed lazily: it watches ``_head_deadline`` while a response
+        # head is awaited and the read-idle gap while a body streams. Moving the deadline is a
+        # float store, so a non-streaming exchange arms no timer in the steady state.
         self._timer: asyncio.TimerHandle | None = None
+        self._head_deadline = INF
         self._head_only = False
         self._batch: list[bytes] = []  # streamed body chunks parsed from the current read
         self._reset_exchange()
@@ -175,7 +181,9 @@ class H1Connection(asyncio.Protocol):
         waiter: asyncio.Future[tuple[int, Headers, bytes | UpstreamBody]] = self.loop.create_future()
         self._waiter = waiter
         transport.write(data)
-        self._timer = self.loop.call_later(self.pool.cfg.first_byte_timeout_s, self._on_head_timeout)
+        self._head_deadline = deadline = self.loop.time() + self.pool.cfg.first_byte_timeout_s
+        if self._timer is None:
+            self._timer = self.loop.call_at(deadline, self._on_timer)
         try:
             return await waiter
         except asyncio.CancelledError:
@@ -185,26 +193,30 @@ class H1Connection(asyncio.Protocol):
                 self.abort()
             raise
 
-    def _on_head_timeout(self) -> None:
+    def _on_timer(self) -> None:
         self._timer = None
-        self._fail(UpstreamTimeout(f"upstream {self.pool.name!r} sent no response in time"))
-
-    def _on_read_timeout(self) -> None:
-        self._timer = None
-        if self._active:
-            self._active = False
-            self._timer = self.loop.call_later(self.pool.cfg.read_timeout_s, self._on_read_timeout)
+        if self.closed:
             return
-        self._fail(UpstreamTimeout(f"upstream {self.pool.name!r} stalled mid-response"))
+        deadline = self._head_deadline
+        if deadline != INF:  # awaiting a response head
+            if self.loop.time() < deadline:
+                self._timer = self.loop.call_at(deadline, self._on_timer)
+            else:
+                self._fail(UpstreamTimeout(f"upstream {self.pool.name!r} sent no response in time"))
+        elif self._body is not None:  # streaming a body: was anything read since the last look?
+            if self._active:
+                self._active = False
+                self._timer = self.loop.call_later(self.pool.cfg.read_timeout_s, self._on_timer)
+            else:
+                self._fail(UpstreamTimeout(f"upstream {self.pool.name!r} stalled mid-response"))
+        # else: idle in the pool, nothing to watch; the next exchange arms a timer again
 
     def _resolve_head(self) -> None:
         waiter = self._waiter
         if waiter is None or waiter.done():
             return
         self._waiter = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._head_deadline = INF
         drop = self._drop
         headers = Headers([(k, v) for k, v in self._raw_headers if k not in drop])
         if self._complete:
@@ -216,14 +228,17 @@ class H1Connection(asyncio.Protocol):
         self._body = stream
         self._early = []
         self._active = False
-        self._timer = self.loop.call_later(self.pool.cfg.read_timeout_s, self._on_read_timeout)
+        read_deadline = self.loop.time() + self.pool.cfg.read_timeout_s
+        timer = self._timer
+        if timer is None or timer.when() > read_deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self.loop.call_at(read_deadline, self._on_timer)
         waiter.set_result((self._status, headers, stream))
 
     def _finish_exchange(self) -> None:
-        """The response is complete: back to the pool, or closed."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        """The response is complete: back to the pool (its timer, if armed, fires once idle and
+        stops), or closed."""
         if self._keep_alive and not self._head_only and not self.closed:
             self.reused = True
             # A front may have paused reading in the middle of the read that held the end of the

@@ -47,7 +47,7 @@ class H1Pool:
         data = self._serialize(request, body)
         head_only = request.method == "HEAD"
         for attempt in (0, 1):
-            conn = await self._acquire()
+            conn = self._take_idle() or await self._acquire()  # no coroutine when one is idle
             try:
                 status, headers, resp_body = await conn.exchange(data, head_only)
             except UpstreamClosed as e:

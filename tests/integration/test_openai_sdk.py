@@ -333,3 +333,30 @@ def test_access_log_has_one_line_per_request(mock: MockProcess, tmp_path: Path) 
     assert " r-1 127.0.0.1:" in lines[0] and '"POST /v1/chat/completions" 200 mock/mock-model-v1 ' in lines[0]
     assert '"POST /v1/chat/completions" 404 - ' in lines[1]
     assert "sk-secret-client-key" not in sidecar.logs()
+
+
+def test_a_stream_that_stalls_is_cut_after_read_timeout(mock: MockProcess, tmp_path: Path) -> None:
+    config = minimal_config(mock.url, upstream_extra=", read_timeout_s: 0.4, first_byte_timeout_s: 0.4")
+    with (
+        SidecarProcess(config, tmp_path) as sidecar,
+        OpenAI(base_url=sidecar.base_url, api_key="x", max_retries=0) as client,
+    ):
+        # Twice on one pooled connection: the timer of the first exchange must not miss the second.
+        for _ in range(2):
+            stream = client.chat.completions.create(
+                model="demo-model", messages=HI, stream=True, extra_headers={"x-mock-stall-after": "3"}
+            )
+            started = time.monotonic()
+            with pytest.raises(openai.APIConnectionError):  # cut, not a clean end that looks complete
+                for _chunk in stream:
+                    pass
+            assert time.monotonic() - started < 3
+        # Slow but steady (gaps below read_timeout_s) is not cut, nor is a quick non-stream call.
+        steady = client.chat.completions.create(
+            model="demo-model",
+            messages=HI,
+            stream=True,
+            extra_headers={"x-mock-chunks": "6", "x-mock-delay-ms": "150"},
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in steady if c.choices).count(" ") >= 1
+        assert client.chat.completions.create(model="demo-model", messages=HI).choices
