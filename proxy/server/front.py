@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from http import HTTPStatus
 from typing import Protocol
 
@@ -53,6 +53,16 @@ class Front:
         # Makes the protocol of a new HTTP/2 connection (set by App when http2.enabled).
         self.h2_factory: Callable[[], asyncio.Protocol] | None = None
 
+    def admit(self, conn: ClientConnection, transport: asyncio.Transport) -> str | None:
+        """Register a new client connection and return its peer ``host:port``; or abort the
+        transport and return None when over ``max_connections`` or shutting down."""
+        if len(self.connections) >= self.max_connections or self.shutting_down:
+            transport.abort()
+            return None
+        self.connections.add(conn)
+        peer = transport.get_extra_info("peername")
+        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
     def set_handler(self, handler: Handler) -> None:
         """Swap the chain (reload): requests already in flight finish on the old one."""
         self.handler = handler
@@ -92,6 +102,25 @@ def error_response(err: ProxyError) -> Response:
     headers = Headers([(b"content-type", b"application/json")])
     headers.extend(err.headers)
     return Response(err.status, headers, error_body(err))
+
+
+async def aclose_body(body: AsyncIterator[bytes]) -> None:
+    """Close a streamed body a front stops reading (its ``aclose``, when it has one)."""
+    aclose = getattr(body, "aclose", None)
+    if aclose is not None:
+        try:
+            await aclose()
+        except Exception:
+            log.debug("error closing a response body", exc_info=True)
+
+
+def discard_body(response: Response) -> None:
+    """Drop a response that will never be sent: abort its streamed body, if any."""
+    body = response.body
+    if not isinstance(body, bytes):
+        abort = getattr(body, "abort", None)
+        if abort is not None:
+            abort()
 
 
 def _status_lines() -> dict[int, bytes]:

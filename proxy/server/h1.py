@@ -28,7 +28,7 @@ from proxy.errors import (
     internal_error,
 )
 from proxy.http import Headers, PipeableBody, Request, RequestContext, Response
-from proxy.server.front import error_response, status_line
+from proxy.server.front import aclose_body, discard_body, error_response, status_line
 
 if TYPE_CHECKING:
     from proxy.server.front import Front
@@ -92,14 +92,11 @@ class H1Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but they are transports.
         self.transport = t = cast(asyncio.Transport, transport)
-        peer = t.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        front = self.front
-        if len(front.connections) >= front.max_connections or front.shutting_down:
-            t.abort()
+        peer = self.front.admit(self, t)
+        if peer is None:
             self.closed = True
             return
-        front.connections.add(self)
+        self.peer = peer
         self._set_deadline(self.limits.keepalive_timeout_s, IDLE)
 
     def data_received(self, data: bytes) -> None:
@@ -316,7 +313,7 @@ class H1Connection(asyncio.Protocol):
             log.exception("unhandled error for %s %s", request.method, request.path)
             response = error_response(internal_error())
         if self.closed:
-            _discard_body(response)
+            discard_body(response)
             return
         body = response.body
         if isinstance(body, bytes):
@@ -379,10 +376,10 @@ class H1Connection(asyncio.Protocol):
                     self._drain = self.loop.create_future()
                     await self._drain
         except (asyncio.CancelledError, _Closed):
-            await _aclose(body)
+            await aclose_body(body)
             return
         except Exception as e:
-            await _aclose(body)
+            await aclose_body(body)
             self.fail(e)
             return
         self.finish()
@@ -513,20 +510,3 @@ class H1Connection(asyncio.Protocol):
         else:
             what = "headers" if self._phase == HEADERS else "body"
             self._reject(RequestTimeout(f"the client took too long to send the request {what}"))
-
-
-async def _aclose(body: AsyncIterator[bytes]) -> None:
-    aclose = getattr(body, "aclose", None)
-    if aclose is not None:
-        try:
-            await aclose()
-        except Exception:
-            log.debug("error closing a response body", exc_info=True)
-
-
-def _discard_body(response: Response) -> None:
-    body = response.body
-    if not isinstance(body, bytes):
-        abort = getattr(body, "abort", None)
-        if abort is not None:
-            abort()

@@ -107,14 +107,11 @@ class H2Connection(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = t = cast(asyncio.Transport, transport)
-        peer = t.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        front = self.front
-        if len(front.connections) >= front.max_connections or front.shutting_down:
-            t.abort()
+        peer = self.front.admit(self, t)
+        if peer is None:
             self.closed = True
             return
-        front.connections.add(self)
+        self.peer = peer
         self.h2.initiate_connection()
         extra = self.cfg.connection_window_size - 65535
         if extra > 0:

@@ -23,7 +23,7 @@ from h2.exceptions import ProtocolError, StreamClosedError
 
 from proxy.errors import ProxyError, internal_error
 from proxy.http import HOP_BY_HOP, Headers, PipeableBody, Request, Response
-from proxy.server.front import error_response
+from proxy.server.front import aclose_body, discard_body, error_response
 
 if TYPE_CHECKING:
     from proxy.server.h2 import H2Connection
@@ -104,7 +104,7 @@ class H2Stream:
                 log.exception("unhandled error for %s %s", request.method, request.path)
                 response = error_response(internal_error())
             if self.reset or conn.closed:
-                _discard_body(response)
+                discard_body(response)
                 return
             body = response.body
             if isinstance(body, bytes):
@@ -183,14 +183,14 @@ class H2Stream:
                     self.drain = self.conn.loop.create_future()
                     await self.drain
         except asyncio.CancelledError:
-            await _aclose(body)
+            await aclose_body(body)
             raise
         except Exception as e:
-            await _aclose(body)
+            await aclose_body(body)
             self.fail(e)
             return
         if self.reset:
-            await _aclose(body)
+            await aclose_body(body)
             return
         self.finish()
 
@@ -322,20 +322,3 @@ class H2Stream:
         drain = self.drain
         if drain is not None and not drain.done():
             drain.set_result(None)
-
-
-async def _aclose(body: AsyncIterator[bytes]) -> None:
-    aclose = getattr(body, "aclose", None)
-    if aclose is not None:
-        try:
-            await aclose()
-        except Exception:
-            log.debug("error closing a response body", exc_info=True)
-
-
-def _discard_body(response: Response) -> None:
-    body = response.body
-    if not isinstance(body, bytes):
-        abort = getattr(body, "abort", None)
-        if abort is not None:
-            abort()
