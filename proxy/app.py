@@ -52,7 +52,13 @@ class App:
 
     def _build_chain(self) -> Handler:
         forwarder = Forwarder(self.router, self.upstreams, self.config.fallback_upstream, self.rng)
-        ctx = BuildContext(clock=self.clock, rng=self.rng, route_models=self.router.models)
+        ctx = BuildContext(
+            clock=self.clock,
+            rng=self.rng,
+            route_models=self.router.models,
+            router=self.router,
+            upstreams=tuple(self.upstreams),
+        )
         self.middleware = [entry.factory(entry.config, ctx) for entry in self.config.middleware]
         chain: list[Any] = list(self.middleware)
         if self.config.log.access_log:

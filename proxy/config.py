@@ -188,6 +188,9 @@ class TargetConfig:
 class RouteConfig:
     model: str = req("model name the client sends", min_len=1)
     targets: tuple[TargetConfig, ...] = req("where requests for this model go", min_len=1)
+    fallbacks: tuple[str, ...] = opt(
+        (), "other routes (client model names) tried in order when no target of this one can serve"
+    )
 
     def validate(self) -> list[tuple[str, str]]:
         if self.targets and sum(t.weight for t in self.targets) <= 0:
@@ -238,6 +241,14 @@ class Config:
                             f"routes[{i}].targets[{j}].upstream",
                             f"unknown upstream {t.upstream!r}; known: {', '.join(sorted(self.upstreams))}",
                         )
+                    )
+        for i, route in enumerate(self.routes):
+            for j, name in enumerate(route.fallbacks):
+                if name == route.model:
+                    problems.append((f"routes[{i}].fallbacks[{j}]", "a route cannot fall back to itself"))
+                elif name not in seen:
+                    problems.append(
+                        (f"routes[{i}].fallbacks[{j}]", f"unknown route {name!r}; known: {', '.join(seen)}")
                     )
         if self.default_upstream is not None and self.default_upstream not in self.upstreams:
             known = ", ".join(sorted(self.upstreams))

@@ -15,6 +15,10 @@ class ProxyError(Exception):
     status = 500
     type = "server_error"
     code: str | None = "internal_error"
+    # Safe to send again (``retry`` middleware): the upstream never began processing the request.
+    retryable = False
+    # The upstream's fault (``circuit_breaker`` counts it): not the client's, not the sidecar's own.
+    upstream_fault = False
 
     def __init__(
         self,
@@ -113,18 +117,23 @@ class UpstreamError(ProxyError):
     status = 502
     type = "server_error"
     code = "upstream_error"
+    upstream_fault = True
 
 
 class UpstreamConnectError(UpstreamError):
     """Could not connect: the request never reached the upstream (always safe to retry)."""
 
     code = "upstream_connect_error"
+    retryable = True
 
 
 class UpstreamClosed(UpstreamError):
     """The connection closed or reset before a full response head arrived."""
 
     code = "upstream_connection_closed"
+    # Raised only before a complete response head; once a body streams, its failure goes to the
+    # client (an SSE error event), never to a retry.
+    retryable = True
 
     def __init__(self, message: str, *, sent_nothing_new: bool = False) -> None:
         super().__init__(message)
@@ -141,6 +150,14 @@ class UpstreamTimeout(ProxyError):
     status = 504
     type = "server_error"
     code = "upstream_timeout"
+    upstream_fault = True
+
+
+class UpstreamConnectTimeout(UpstreamTimeout):
+    """Connecting took too long: the request was never sent (safe to retry)."""
+
+    code = "upstream_connect_timeout"
+    retryable = True
 
 
 class UpstreamUnavailable(ProxyError):
@@ -149,6 +166,13 @@ class UpstreamUnavailable(ProxyError):
     status = 503
     type = "server_error"
     code = "upstream_unavailable"
+    retryable = True  # this upstream's pool is saturated or shutting down: another target may serve
+
+
+class NoHealthyTarget(UpstreamUnavailable):
+    """Every target of the route (and of its fallbacks) has its circuit breaker open."""
+
+    retryable = False
 
 
 class RateLimiterUnavailable(ProxyError):
@@ -163,6 +187,13 @@ def error_body(err: ProxyError) -> bytes:
     return orjson.dumps(
         {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
     )
+
+
+def sse_error_event(exc: BaseException) -> bytes:
+    """The SSE event that ends a stream cut short after its head went out: the error in the same
+    OpenAI shape as a status answer, which the openai SDK raises as ``APIError`` while iterating."""
+    err = exc if isinstance(exc, ProxyError) else internal_error()
+    return b"data: " + error_body(err) + b"\n\n"
 
 
 def internal_error() -> ProxyError:

@@ -54,10 +54,12 @@ class Forwarder:
                     "this request names no model, and no default_upstream is configured", param="model"
                 )
             return await upstream.send(request, request.body)
-        target = request.ctx.target
+        ctx = request.ctx
+        target = ctx.target
         if target is None or not isinstance(target, Target):
-            target = self.router.route(model).pick(self.rng)
-            request.ctx.target = target
+            target = self.router.pick(model, self.rng, ctx.tried)
+            assert target is not None  # without a health check, some target is always left
+            ctx.target = target
         upstream_body = body(target.model) if target.model != model else request.body
         return await self.upstreams[target.upstream].send(request, upstream_body)
 

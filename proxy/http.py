@@ -73,6 +73,7 @@ class RequestContext:
         "started",
         "target",
         "tenant",
+        "tried",
     )
 
     def __init__(self, request_id: bytes, client: str, started: float) -> None:
@@ -82,7 +83,8 @@ class RequestContext:
         self.identity: str | None = None  # API key id, set by auth
         self.tenant: str | None = None  # tenant id, set by auth
         self.target: Any = None  # proxy.routing.Target chosen for this attempt (canary/retry may set it)
-        self.attempt = 0
+        self.attempt = 0  # retries so far (``retry`` middleware)
+        self.tried: tuple[Any, ...] = ()  # targets of earlier attempts, which failover avoids
         self.disconnected = False  # set by the front when the client goes away
         self.extra: dict[str, Any] = {}  # free space for user middleware
 

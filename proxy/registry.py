@@ -15,11 +15,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.clock import Clock
+from proxy.routing import Router
 
 BUILTIN: dict[str, str] = {
     "headers": "middleware.headers:HeadersMiddleware",
     "auth": "middleware.auth:Auth",
     "rate_limit": "middleware.rate_limit:RateLimit",
+    "retry": "middleware.retry:Retry",
+    "circuit_breaker": "middleware.circuit_breaker:CircuitBreaker",
 }
 
 
@@ -30,6 +33,8 @@ class BuildContext:
     clock: Clock
     rng: random.Random
     route_models: tuple[str, ...]
+    router: Router | None = None  # target selection and failover (None only in unit tests)
+    upstreams: tuple[str, ...] = ()  # the configured upstream names
 
 
 def resolve(type_name: str) -> Any:

@@ -1,12 +1,15 @@
 """Routes: the model name a client sends → weighted targets (upstream + the model it serves).
 
 Compiled once from config; picking a target is a random draw and a bisect, no allocation.
+Failover (``retry``, ``circuit_breaker``) picks with :meth:`Router.pick`: first the route's targets
+not tried yet and healthy, then its ``fallbacks`` routes' in order, then a healthy one tried before.
 """
 
 from __future__ import annotations
 
 import random
 from bisect import bisect_right
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -37,11 +40,31 @@ class Route:
         i = bisect_right(self._cumulative, rng.random() * self._total)
         return self.targets[min(i, len(self.targets) - 1)]
 
+    def pick_among(self, rng: random.Random, allowed: Callable[[Target], bool]) -> Target | None:
+        """A target drawn by weight among those ``allowed`` (weight 0 never), or None."""
+        candidates = [t for t in self.targets if t.weight > 0 and allowed(t)]
+        if len(candidates) <= 1:
+            return candidates[0] if candidates else None
+        draw = rng.random() * sum(t.weight for t in candidates)
+        for t in candidates:
+            draw -= t.weight
+            if draw < 0:
+                return t
+        return candidates[-1]
+
+
+# An upstream's name → may it take a request now (its circuit breaker is not open)?
+Healthy = Callable[[str], bool]
+
 
 class Router:
     def __init__(self, routes: tuple[RouteConfig, ...]) -> None:
         self.routes: dict[str, Route] = {r.model: Route(r) for r in routes}
         self.models = tuple(self.routes)
+        # The route and then its fallbacks, in the order failover tries them.
+        self._chains: dict[str, tuple[Route, ...]] = {
+            r.model: (self.routes[r.model], *(self.routes[f] for f in r.fallbacks)) for r in routes
+        }
 
     def route(self, model: str) -> Route:
         route = self.routes.get(model)
@@ -52,3 +75,29 @@ class Router:
                 param="model",
             )
         return route
+
+    def pick(
+        self,
+        model: str,
+        rng: random.Random,
+        tried: Collection[Target] = (),
+        healthy: Healthy | None = None,
+    ) -> Target | None:
+        """The target for the next attempt of a request for ``model``: a healthy one not ``tried``
+        yet — the route's own targets by weight, then each fallback route's — else a healthy one
+        tried before (a retry after a backoff), else None (every breaker open).
+
+        Raises ModelNotFound for a model no route serves."""
+        route = self.route(model)
+        if not tried and healthy is None:
+            return route.pick(rng)
+        chain = self._chains[model]
+        for r in chain:
+            target = r.pick_among(rng, lambda t: t not in tried and (healthy is None or healthy(t.upstream)))
+            if target is not None:
+                return target
+        for r in chain:
+            target = r.pick_among(rng, lambda t: healthy is None or healthy(t.upstream))
+            if target is not None:
+                return target
+        return None

@@ -114,6 +114,13 @@ async def aclose_body(body: AsyncIterator[bytes]) -> None:
             log.debug("error closing a response body", exc_info=True)
 
 
+def is_event_stream(response: Response) -> bool:
+    """An SSE response: one cut short after its head went out ends with an error event
+    (``proxy.errors.sse_error_event``), which the openai SDK raises, not with a bare cut."""
+    content_type = response.headers.get(b"content-type")
+    return content_type is not None and content_type.startswith(b"text/event-stream")
+
+
 def discard_body(response: Response) -> None:
     """Drop a response that will never be sent: abort its streamed body, if any."""
     body = response.body

@@ -26,9 +26,10 @@ from proxy.errors import (
     ProxyError,
     RequestTimeout,
     internal_error,
+    sse_error_event,
 )
 from proxy.http import Headers, PipeableBody, Request, RequestContext, Response
-from proxy.server.front import aclose_body, discard_body, error_response, status_line
+from proxy.server.front import aclose_body, discard_body, error_response, is_event_stream, status_line
 
 if TYPE_CHECKING:
     from proxy.server.front import Front
@@ -69,6 +70,7 @@ class H1Connection(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._producer: PipeableBody | None = None  # the body being piped to us
         self._chunked = False  # current streamed response uses chunked framing
+        self._sse = False  # current streamed response is SSE without Content-Length (see fail)
         self._keep_alive = True  # of the response being written
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
@@ -341,6 +343,7 @@ class H1Connection(asyncio.Protocol):
         self._response_done()
 
     def _write_head(self, response: Response, request: Request, length: int | None, http11: bool) -> None:
+        self._sse = length is None and is_event_stream(response)
         if length is not None:
             framing = b"content-length: %d\r\n" % length
             self._chunked = False
@@ -401,11 +404,19 @@ class H1Connection(asyncio.Protocol):
 
     def fail(self, exc: BaseException) -> None:
         """The upstream failed mid-body: the client must not mistake the cut for the end, so the
-        connection closes without the final chunk (or short of Content-Length)."""
+        connection closes without the final chunk (or short of Content-Length) — except for SSE."""
         self._producer = None
         if not isinstance(exc, ProxyError | asyncio.CancelledError):
             log.error("stream to %s failed: %r", self.peer, exc)
         self._keep_alive = False
+        transport = self.transport
+        if self._sse and not self.closed and transport and not isinstance(exc, asyncio.CancelledError):
+            # An SSE stream ends with an OpenAI-shaped error event (the openai SDK raises it), then
+            # the end of the body, then the connection closes: never a cut that looks like the end.
+            event = sse_error_event(exc)
+            transport.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(event), event) if self._chunked else event)
+            self._response_done()
+            return
         self._busy = False
         self.abort()
 

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, cast
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError, StreamClosedError
 
-from proxy.errors import ProxyError, internal_error
+from proxy.errors import ProxyError, internal_error, sse_error_event
 from proxy.http import HOP_BY_HOP, Headers, PipeableBody, Request, Response
-from proxy.server.front import aclose_body, discard_body, error_response
+from proxy.server.front import aclose_body, discard_body, error_response, is_event_stream
 
 if TYPE_CHECKING:
     from proxy.server.h2 import H2Connection
@@ -58,6 +58,7 @@ class H2Stream:
         "reset",
         "responding",
         "sid",
+        "sse",
         "stalled_at",
         "task",
     )
@@ -73,6 +74,7 @@ class H2Stream:
         self.body_bytes = 0
         self.deadline = INF  # the request body must be complete by then
         self.stalled_at = INF  # blocked by the client since a while: reset it then (send timeout)
+        self.sse = False  # the response streaming out is SSE (a failure ends it with an error event)
         self.request: Request | None = None
         self.request_done = False  # the client ended its side
         self.responding = False  # a response (or an error answer) is under way
@@ -111,6 +113,7 @@ class H2Stream:
                 self.send_whole(response)
             elif hasattr(body, "pipe"):  # a PipeableBody: an UpstreamBody, or a middleware's wrapper
                 pipeable = cast(PipeableBody, body)
+                self.sse = is_event_stream(response)
                 self.send_head(response, getattr(body, "length", None))
                 if self.head_only or self.reset:
                     pipeable.abort()
@@ -120,6 +123,7 @@ class H2Stream:
                 if self.paused and self.producer is pipeable:  # the replay filled the buffer
                     pipeable.pause_producing()
             else:
+                self.sse = is_event_stream(response)
                 self.send_head(response, None)
                 await self._write_iter(body)
         except asyncio.CancelledError:
@@ -278,11 +282,16 @@ class H2Stream:
         conn.forget_if_done(self)
 
     def fail(self, exc: BaseException) -> None:
-        """The upstream failed mid-body: RST_STREAM tells the client the response is cut short."""
+        """The upstream failed mid-body. An SSE stream ends with an OpenAI-shaped error event (the
+        openai SDK raises it); any other body is reset (RST_STREAM): the client sees it cut short."""
         self.producer = None
         conn = self.conn
         if not isinstance(exc, ProxyError | asyncio.CancelledError):
             log.error("stream %d to %s failed: %r", self.sid, conn.peer, exc)
+        if self.sse and not isinstance(exc, asyncio.CancelledError):
+            self.write(sse_error_event(exc))
+            self.finish()
+            return
         self.reset_by_us(ErrorCodes.INTERNAL_ERROR)
         conn.flush()
         conn.forget_if_done(self)

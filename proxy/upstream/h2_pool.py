@@ -20,8 +20,8 @@ from collections import deque
 from proxy.config import UpstreamConfig, parse_upstream_url
 from proxy.errors import (
     UpstreamConnectError,
+    UpstreamConnectTimeout,
     UpstreamProtocolError,
-    UpstreamTimeout,
     UpstreamUnavailable,
 )
 from proxy.http import Request, Response
@@ -232,7 +232,7 @@ class H2Pool:
                 timeout,
             )
         except TimeoutError:
-            conn.close_for(UpstreamTimeout(f"connecting to upstream {self.name!r} timed out"))
+            conn.close_for(UpstreamConnectTimeout(f"connecting to upstream {self.name!r} timed out"))
             return
         except (OSError, ssl.SSLError) as e:
             log.warning("cannot connect to upstream %s (%s:%d): %s", self.name, self._host, self._port, e)

@@ -15,7 +15,7 @@ import ssl
 from collections import deque
 
 from proxy.config import UpstreamConfig, parse_upstream_url
-from proxy.errors import UpstreamClosed, UpstreamConnectError, UpstreamTimeout, UpstreamUnavailable
+from proxy.errors import UpstreamClosed, UpstreamConnectError, UpstreamConnectTimeout, UpstreamUnavailable
 from proxy.http import Request, Response
 from proxy.upstream.base import connection_tokens, request_drop_set
 from proxy.upstream.h1 import H1Connection
@@ -212,7 +212,7 @@ class H1Pool:
             )
         except TimeoutError:
             self._connect_failed(conn)
-            raise UpstreamTimeout(f"connecting to upstream {self.name!r} timed out") from None
+            raise UpstreamConnectTimeout(f"connecting to upstream {self.name!r} timed out") from None
         except (OSError, ssl.SSLError) as e:
             self._connect_failed(conn)
             log.warning("cannot connect to upstream %s (%s:%d): %s", self.name, self._host, self._port, e)

@@ -955,7 +955,7 @@ def test_upstream_stalling_its_first_byte_gets_504(aux: SidecarProcess, mock: Mo
     mock.wait_stats(lambda s: s["disconnects"] == 1)
 
 
-def test_upstream_reset_mid_stream_ends_the_client_stream_abnormally(
+def test_upstream_reset_mid_stream_ends_the_sse_stream_with_an_error_event(
     sidecar: SidecarProcess, mock: MockProcess
 ) -> None:
     knobs = [("x-mock-chunks", "10"), ("x-mock-delay-ms", "5"), ("x-mock-reset-after", "3")]
@@ -965,8 +965,10 @@ def test_upstream_reset_mid_stream_ends_the_client_stream_abnormally(
         assert client.closed_within(2.0)
     assert reply.status == 200
     assert reply.header("transfer-encoding") == "chunked"
-    assert not reply.complete, "an upstream reset ended as a clean stream"
-    assert len(sse_events(reply.body)) == 3
+    events = sse_events(reply.body)
+    assert len(events) == 4, events  # three from the upstream, then the error: not a silent cut
+    error = orjson.loads(events[-1].removeprefix(b"data: "))["error"]
+    assert error["code"] == "upstream_connection_closed" and error["type"] == "server_error"
     assert b"[DONE]" not in reply.body
 
 

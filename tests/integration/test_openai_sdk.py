@@ -347,9 +347,11 @@ def test_a_stream_that_stalls_is_cut_after_read_timeout(mock: MockProcess, tmp_p
                 model="demo-model", messages=HI, stream=True, extra_headers={"x-mock-stall-after": "3"}
             )
             started = time.monotonic()
-            with pytest.raises(openai.APIConnectionError):  # cut, not a clean end that looks complete
+            with pytest.raises(openai.APIError) as cut:  # an error event, not an end that looks complete
                 for _chunk in stream:
                     pass
+            assert not isinstance(cut.value, openai.APIConnectionError)
+            assert isinstance(cut.value.body, dict) and cut.value.body["code"] == "upstream_timeout"
             assert time.monotonic() - started < 3
         # Slow but steady (gaps below read_timeout_s) is not cut, nor is a quick non-stream call.
         steady = client.chat.completions.create(

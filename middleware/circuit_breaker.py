@@ -1,0 +1,167 @@
+"""``type: circuit_breaker`` — one breaker per upstream, shared by every route that uses it.
+
+It picks the target of each attempt among those whose breaker lets a call through (the route's,
+then its ``fallbacks``', skipping what this request tried already: see ``Router.pick``), so an open
+breaker fails over at once, with no backoff; when every breaker is open the answer is 503
+``upstream_unavailable`` with ``Retry-After``. Then it records how the call went: connect errors,
+resets, timeouts and 5xx (429 with ``count_429``) are failures; a response head slower than
+``slow_call_s`` is a slow call. A streamed body's end decides for it: a stream cut mid-way is a
+failure. The state machine is :mod:`middleware.circuit_state`.
+
+Put it after ``retry`` in the chain, so that each retry picks its target here again.
+
+```yaml
+middleware:
+  - {type: retry}
+  - {type: circuit_breaker, consecutive_failures: 5, slow_call_s: 1.5, open_s: 5}
+```
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from dataclasses import dataclass
+
+from middleware.circuit_state import OPEN, CircuitState, TripRules
+from proxy.body import tap_body
+from proxy.chain import Handler
+from proxy.config import opt
+from proxy.errors import NoHealthyTarget, ProxyError, UpstreamUnavailable
+from proxy.http import Request, Response
+from proxy.registry import BuildContext
+from proxy.requested_model import requested_model
+from proxy.routing import Router
+
+log = logging.getLogger("llm_sidecar.circuit_breaker")
+
+
+@dataclass(frozen=True)
+class CircuitBreakerConfig:
+    consecutive_failures: int = opt(5, "failures in a row that open the breaker", min=1)
+    failure_ratio: float = opt(
+        0.5, "share of failed calls over window_s that opens the breaker", min=0.01, max=1.0
+    )
+    window_s: int = opt(10, "seconds of calls the failure ratio looks at", min=1, max=3600)
+    min_calls: int = opt(20, "calls within window_s before the failure ratio counts", min=1)
+    slow_call_s: float = opt(1.5, "a response head later than this is a slow call", min=0.001)
+    slow_calls: int = opt(5, "slow calls in a row that open the breaker", min=1)
+    open_s: float = opt(5.0, "how long an open breaker lets nothing through", min=0.001)
+    half_open_probes: int = opt(
+        3, "calls let through after open_s; all succeeding closes it, one failing re-opens it", min=1
+    )
+    count_429: bool = opt(False, "count an upstream's 429 as a failure")
+
+
+class CircuitBreaker:
+    Config = CircuitBreakerConfig
+
+    def __init__(self, config: CircuitBreakerConfig, ctx: BuildContext) -> None:
+        if ctx.router is None:
+            raise ValueError("circuit_breaker needs the router (BuildContext.router)")
+        self.router: Router = ctx.router
+        self.rng = ctx.rng
+        self.clock = ctx.clock
+        self.slow_call_s = config.slow_call_s
+        self.count_429 = config.count_429
+        rules = TripRules(
+            consecutive_failures=config.consecutive_failures,
+            failure_ratio=config.failure_ratio,
+            window_s=config.window_s,
+            min_calls=config.min_calls,
+            slow_call_s=config.slow_call_s,
+            slow_calls=config.slow_calls,
+            open_s=config.open_s,
+            half_open_probes=config.half_open_probes,
+        )
+        self.breakers = {name: CircuitState(rules, ctx.clock) for name in ctx.upstreams}
+        self._healthy = self._available  # bound once, not per request
+
+    def _available(self, upstream: str) -> bool:
+        return self.breakers[upstream].available()
+
+    async def __call__(self, request: Request, next: Handler) -> Response:
+        ctx = request.ctx
+        target = ctx.target
+        if target is None:
+            model = requested_model(request)
+            if model is None:  # files, batches…: the default upstream, no breaker
+                return await next(request)
+            target = self.router.pick(model, self.rng, ctx.tried, self._healthy)
+            if target is None:
+                raise self._none_left(model)
+        breaker = self.breakers[target.upstream]
+        if not breaker.acquire():  # a target set earlier in the chain (canary): let retry fail over
+            raise UpstreamUnavailable(f"the circuit breaker of upstream {target.upstream!r} is open")
+        ctx.target = target
+        started = self.clock.now()
+        try:
+            response = await next(request)
+        except ProxyError as e:
+            if e.upstream_fault:
+                self.record_failure(breaker, target.upstream, e)
+            else:
+                breaker.release()
+            raise
+        except BaseException:
+            breaker.release()
+            raise
+        status = response.status
+        if status >= 500 or (status == 429 and self.count_429):
+            self.record_failure(breaker, target.upstream, None)
+            return response
+        slow = self.clock.now() - started > self.slow_call_s
+        body = response.body
+        if isinstance(body, bytes):
+            breaker.success(slow)
+        else:
+            response.body = tap_body(body, _StreamOutcome(self, breaker, target.upstream, slow))
+        return response
+
+    def record_failure(self, breaker: CircuitState, upstream: str, exc: BaseException | None) -> None:
+        was_open = breaker.state == OPEN
+        breaker.failure()
+        if breaker.state == OPEN and not was_open:
+            log.warning(
+                "circuit breaker of upstream %s opened for %g s (last failure: %s)",
+                upstream,
+                breaker.rules.open_s,
+                exc or "an error status",
+            )
+
+    def _none_left(self, model: str) -> NoHealthyTarget:
+        route = self.router.route(model)
+        upstreams = {t.upstream for t in route.targets}
+        wait = min((self.breakers[u].retry_after() for u in upstreams), default=1.0)
+        seconds = max(1, math.ceil(wait))
+        return NoHealthyTarget(
+            f"no upstream can serve model '{model}' now: every circuit breaker is open; "
+            f"retry in {seconds} s",
+            headers=[(b"retry-after", b"%d" % seconds), (b"retry-after-ms", b"%d" % int(wait * 1000))],
+        )
+
+
+class _StreamOutcome:
+    """Body tap: a streamed response counts when it ends — cut short is a failure."""
+
+    __slots__ = ("breaker", "middleware", "slow", "upstream")
+    keeps_length = True
+
+    def __init__(self, middleware: CircuitBreaker, breaker: CircuitState, upstream: str, slow: bool) -> None:
+        self.middleware = middleware
+        self.breaker = breaker
+        self.upstream = upstream
+        self.slow = slow
+
+    def feed(self, chunk: bytes) -> bytes:
+        return chunk
+
+    def end(self, exc: BaseException | None) -> bytes:
+        if exc is None:
+            self.breaker.success(self.slow)
+        elif isinstance(exc, asyncio.CancelledError) or not getattr(exc, "upstream_fault", False):
+            self.breaker.release()  # the client left: no verdict on the upstream
+        else:
+            self.middleware.record_failure(self.breaker, self.upstream, exc)
+        return b""

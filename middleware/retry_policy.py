@@ -1,0 +1,103 @@
+"""The pure parts of ``retry``: the backoff, the retry budget and reading ``Retry-After``.
+
+No I/O and no clock reads of their own: the middleware passes ``now`` and the random source in,
+so the tests drive them with a fake clock and a seed.
+"""
+
+from __future__ import annotations
+
+import random
+from email.utils import parsedate_to_datetime
+
+from proxy.http import Headers
+
+
+class Backoff:
+    """Full-jitter exponential backoff: the wait before retry ``n`` (0-based) is uniform in
+    ``[0, min(cap_s, base_s · 2ⁿ)]``, so clients that failed together do not come back together."""
+
+    __slots__ = ("base_s", "cap_s", "rng")
+
+    def __init__(self, base_s: float, cap_s: float, rng: random.Random) -> None:
+        if not 0 < base_s <= cap_s:
+            raise ValueError(f"backoff needs 0 < base_s ≤ cap_s, got base_s={base_s}, cap_s={cap_s}")
+        self.base_s = base_s
+        self.cap_s = cap_s
+        self.rng = rng
+
+    def delay(self, retry: int) -> float:
+        ceiling = self.cap_s if retry >= 32 else min(self.cap_s, self.base_s * (1 << retry))
+        return self.rng.uniform(0.0, ceiling)
+
+
+class RetryBudget:
+    """Retries may add at most ``ratio`` of the requests seen over the last ``window_s`` seconds,
+    plus ``floor`` retries per window so that a quiet sidecar can still retry at all.
+
+    A dead fleet is then hit (1 + ratio)× as hard, not ``attempts``× as hard. Counts live in
+    1-second buckets in a ring: O(window_s) only when a retry is asked for.
+    """
+
+    __slots__ = ("_requests", "_retries", "_stamps", "floor", "ratio")
+
+    def __init__(self, ratio: float, floor: int, window_s: int) -> None:
+        if ratio < 0 or floor < 0 or window_s < 1:
+            raise ValueError("retry budget needs ratio ≥ 0, floor ≥ 0 and window_s ≥ 1")
+        self.ratio = ratio
+        self.floor = floor
+        self._stamps = [-1] * window_s
+        self._requests = [0] * window_s
+        self._retries = [0] * window_s
+
+    def _bucket(self, now: float) -> int:
+        second = int(now)
+        i = second % len(self._stamps)
+        if self._stamps[i] != second:
+            self._stamps[i] = second
+            self._requests[i] = 0
+            self._retries[i] = 0
+        return i
+
+    def request(self, now: float) -> None:
+        """A request came in (its first attempt)."""
+        self._requests[self._bucket(now)] += 1
+
+    def try_retry(self, now: float) -> bool:
+        """May one more retry go out now? If so, it is counted."""
+        i = self._bucket(now)
+        oldest = int(now) - len(self._stamps)
+        requests = retries = 0
+        for j, stamp in enumerate(self._stamps):
+            if stamp > oldest:
+                requests += self._requests[j]
+                retries += self._retries[j]
+        if retries >= self.floor + self.ratio * requests:
+            return False
+        self._retries[i] += 1
+        return True
+
+
+def retry_after_s(headers: Headers, now_wall: float) -> float | None:
+    """The wait an answer asks for: ``retry-after-ms`` (OpenAI's, milliseconds), else
+    ``Retry-After`` in seconds or as an HTTP date (``now_wall``: the wall clock, epoch seconds)."""
+    ms = headers.get(b"retry-after-ms")
+    if ms is not None:
+        try:
+            value = float(ms)
+        except ValueError:
+            value = -1.0
+        if value >= 0 and value == value:  # not NaN
+            return value / 1000
+    raw = headers.get(b"retry-after")
+    if raw is None:
+        return None
+    text = raw.decode("latin-1").strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(text).timestamp() - now_wall
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        return max(0.0, seconds)
+    return seconds if seconds >= 0 and seconds == seconds else None
