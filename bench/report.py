@@ -254,12 +254,18 @@ def machine_info(tools: Tools) -> Machine:
 
 
 def report(
-    settings: Settings, machine: Machine, results: Sequence[TargetResult], warnings: Sequence[str], image: str
+    settings: Settings,
+    machine: Machine,
+    results: Sequence[TargetResult],
+    warnings: Sequence[str],
+    image: str,
+    sections: Sequence[str] = (),
 ) -> str:
     rows = summary_rows(results)
     shown_machine = "\n".join(f"- {k}: {v}" for k, v in machine)
     lines = [*(f"warning: {w}" for w in warnings), *notes(results, rows)]
     remarks = "\n".join(f"- {line}" for line in lines) or "- every bar passed, no errors"
+    extra = "".join(f"{section.rstrip()}\n\n" for section in sections)
     return f"""# Benchmark {datetime.datetime.now().strftime("%Y-%m-%d %H:%M")}
 
 Command: `{settings.command}`
@@ -291,7 +297,7 @@ Method:
 
 {remarks}
 
-## Every wrk run
+{extra}## Every wrk run
 
 {runs_table(results)}
 
@@ -329,14 +335,20 @@ def plot(results: Sequence[TargetResult], path: Path) -> None:
 
 
 def write_results(
-    settings: Settings, machine: Machine, results: Sequence[TargetResult], warnings: Sequence[str]
+    settings: Settings,
+    machine: Machine,
+    results: Sequence[TargetResult],
+    warnings: Sequence[str],
+    sections: Sequence[str] = (),  # more markdown (bench.ratelimit.section, …): printed, and on the page
 ) -> None:
     rows = summary_rows(results)
-    print(summary_table(rows), *(f"warning: {w}" for w in warnings), *notes(results, rows), sep="\n")
+    print(
+        summary_table(rows), *(f"warning: {w}" for w in warnings), *notes(results, rows), *sections, sep="\n"
+    )
     day = datetime.date.today().isoformat()
     settings.out_dir.mkdir(parents=True, exist_ok=True)
     image = settings.out_dir / f"{day}-latency.png"
     plot(results, image)
     page = settings.out_dir / f"{day}.md"
-    page.write_text(report(settings, machine, results, warnings, image.name))
+    page.write_text(report(settings, machine, results, warnings, image.name, sections))
     say(f"wrote {page} and {image}")

@@ -47,6 +47,7 @@ from bench.procs import (
     peak_rss_mib,
     raise_fd_limit,
 )
+from bench.ratelimit import measure_rate_limit, section
 from bench.report import Run, TargetResult, machine_info, write_results
 from bench.servers import Target, check_target, start_mock, start_nginx, start_sidecar
 from bench.ttfb import first_byte_times
@@ -114,8 +115,9 @@ def measure_with_wrk(target: Target, tools: Tools, settings: Settings, workdir: 
     return out
 
 
-def measure_all(settings: Settings, tools: Tools) -> list[TargetResult]:
-    """Start the mock, nginx and the sidecar, check each, load each in turn, then time streams."""
+def measure_all(settings: Settings, tools: Tools, sections: list[str]) -> list[TargetResult]:
+    """Start the mock, nginx and the sidecar, check each, load each in turn, then time streams;
+    then the extra comparisons, each a markdown section appended to ``sections``."""
     with tempfile.TemporaryDirectory(prefix="llm-sidecar-bench-") as tmp, Children(Path(tmp)) as children:
         workdir = Path(tmp)
         mock = start_mock(children, settings.load_cpu)
@@ -134,6 +136,7 @@ def measure_all(settings: Settings, tools: Tools) -> list[TargetResult]:
         for result, ttfb_ms in zip(results, times, strict=True):
             result.ttfb_ms = ttfb_ms
             say(f"  {result.name:8} ttfb p50 {statistics.median(ttfb_ms):.3f} ms")
+        sections.append(section(measure_rate_limit(children, workdir, mock, tools, settings)))
         return results
 
 
@@ -164,13 +167,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         tools = ensure_tools()
         machine, warnings = machine_info(tools), []
         before = CpuSnapshot.take()
-        results = measure_all(settings, tools)
+        sections: list[str] = []
+        results = measure_all(settings, tools, sections)
         other_s, share = cpu_not_ours(before, CpuSnapshot.take())
         what = "CPU time outside the bench during the run (other processes, kernel threads)"
         machine.append((what, f"{other_s:.1f} s ({share:.1%} of all CPUs)"))
         if share > 0.1:
             warnings.append(f"{share:.0%} of the CPUs went to other work during the run: figures skewed")
-        write_results(settings, machine, results, warnings)
+        write_results(settings, machine, results, warnings, sections)
     except KeyboardInterrupt:
         say("interrupted")
         return 130
