@@ -131,13 +131,11 @@ class CircuitBreaker:
             )
 
     def _none_left(self, model: str) -> NoHealthyTarget:
-        route = self.router.route(model)
-        upstreams = {t.upstream for t in route.targets}
+        upstreams = self.router.upstreams_of(model)
         wait = min((self.breakers[u].retry_after() for u in upstreams), default=1.0)
         seconds = max(1, math.ceil(wait))
         return NoHealthyTarget(
-            f"no upstream can serve model '{model}' now: every circuit breaker is open; "
-            f"retry in {seconds} s",
+            f"no upstream can serve model '{model}' now: every circuit breaker is open; retry in {seconds} s",
             headers=[(b"retry-after", b"%d" % seconds), (b"retry-after-ms", b"%d" % int(wait * 1000))],
         )
 

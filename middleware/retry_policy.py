@@ -71,7 +71,7 @@ class RetryBudget:
             if stamp > oldest:
                 requests += self._requests[j]
                 retries += self._retries[j]
-        if retries >= self.floor + self.ratio * requests:
+        if retries + 1 > self.floor + self.ratio * requests:
             return False
         self._retries[i] += 1
         return True

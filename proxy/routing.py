@@ -76,6 +76,11 @@ class Router:
             )
         return route
 
+    def upstreams_of(self, model: str) -> tuple[str, ...]:
+        """The upstreams that may serve ``model``: its route's and its fallbacks' (weight > 0)."""
+        seen = dict.fromkeys(t.upstream for r in self._chains[model] for t in r.targets if t.weight > 0)
+        return tuple(seen)
+
     def pick(
         self,
         model: str,
