@@ -17,7 +17,14 @@ Per-request knobs, as request headers:
   x-mock-stall-after: N    send N stream events (non-stream: N body bytes), then stall, never closing
   x-mock-reset-after: N    send N stream events (non-stream: N body bytes), then abort the connection
   x-mock-content-bytes: N  non-stream: content of N bytes; stream: N bytes of content per chunk
-Global faults for POST requests (clients that cannot set headers): see :class:`Faults`.
+Global faults for POST requests (clients that cannot set headers): see :class:`Faults` (a status
+burst, a seeded share of status answers, a seeded share of resets, a first-byte delay).
+
+Stats (GET /_mock/stats) count requests by outcome (``completed``, ``disconnects``, ``resets``) and
+answers by request id: ``answered`` is the number of 2xx answers that completed (a non-stream body
+handed to the transport, or a stream that ended normally), and ``answered_twice`` the number of
+``x-request-id`` values (the sidecar forwards one) answered with a 2xx more than once, over the last
+:data:`ANSWER_IDS` ids seen. Both transports (HTTP/1.1 and h2c) count them.
 
 A client disconnect cancels the handler (the runner uses ``handler_cancellation=True``) and is counted
 in the stats with its ``time.monotonic()``; in-process users of :func:`create_app` need the same.
@@ -35,7 +42,7 @@ import random
 import signal
 import struct
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -46,6 +53,7 @@ from aiohttp import web
 
 MODELS = ("mock-model-v1", "mock-model-v2")
 DEFAULT_TOKENS, MAX_TOKENS, DEFAULT_DIMENSIONS = 8, 4096, 8
+ANSWER_IDS = 100_000  # request ids remembered for ``answered_twice``
 ABORT_GRACE_S = 1.0  # only waited out when the runner does not cancel handlers on disconnect
 
 _WORDS = ("Hello", ",", " this", " is", " the", " mock", " backend", ".")
@@ -134,9 +142,13 @@ class Knobs:
 class Faults:
     """Global faults set with ``POST /_mock/faults``; they apply to POST requests only.
 
-    JSON: ``{"status_burst": {"status": 503, "count": 5, "retry_after": 1.5}, "first_byte_ms": 0,
-    "reset_ratio": 0.0, "seed": 1}``: the next ``count`` requests get ``status``; every request waits
-    ``first_byte_ms``; a seeded ``reset_ratio`` of them is aborted before any response byte.
+    JSON: ``{"status_burst": {"status": 503, "count": 5, "retry_after": 1.5}, "status_ratio": {"status":
+    503, "ratio": 0.05, "retry_after": null}, "first_byte_ms": 0, "reset_ratio": 0.0, "seed": 1}``
+    (every key optional): a seeded ``reset_ratio`` of the requests is aborted before any response
+    byte; the next ``count`` requests get the burst's ``status``; of the others, a seeded
+    ``status_ratio.ratio`` gets ``status_ratio.status`` (OpenAI error body, ``Retry-After`` and
+    ``retry-after-ms`` when ``retry_after`` is set); every request waits ``first_byte_ms``. An
+    ``x-mock-status`` header wins over both statuses. ``seed`` drives every random fault.
     """
 
     burst_status: int = 503
@@ -144,28 +156,39 @@ class Faults:
     burst_retry_after: float | None = None
     first_byte_ms: float = 0.0
     reset_ratio: float = 0.0
+    ratio_status: int = 503
+    status_ratio: float = 0.0
+    ratio_retry_after: float | None = None
     rng: random.Random = field(default_factory=lambda: random.Random(1))
 
     @classmethod
     def from_json(cls, data: object) -> Faults:
         if not isinstance(data, dict):
             raise BadKnob("faults: expected a JSON object")
-        unknown = set(data) - {"status_burst", "first_byte_ms", "reset_ratio", "seed"}
+        unknown = set(data) - {"status_burst", "status_ratio", "first_byte_ms", "reset_ratio", "seed"}
         if unknown:
             raise BadKnob(f"faults: unknown keys {sorted(unknown)}")
         burst = data.get("status_burst") or {}
         if not isinstance(burst, dict) or set(burst) - {"status", "count", "retry_after"}:
             raise BadKnob("faults.status_burst: expected {status, count, retry_after}")
+        share = data.get("status_ratio") or {}
+        if not isinstance(share, dict) or set(share) - {"status", "ratio", "retry_after"}:
+            raise BadKnob("faults.status_ratio: expected {status, ratio, retry_after}")
         faults = cls(
             burst_status=int(_number(burst.get("status", 503), "status_burst.status") or 0),
             burst_count=int(_number(burst.get("count", 0), "status_burst.count") or 0),
             burst_retry_after=_number(burst.get("retry_after"), "status_burst.retry_after"),
             first_byte_ms=_number(data.get("first_byte_ms", 0), "first_byte_ms") or 0.0,
             reset_ratio=_number(data.get("reset_ratio", 0), "reset_ratio") or 0.0,
+            ratio_status=int(_number(share.get("status", 503), "status_ratio.status") or 0),
+            status_ratio=_number(share.get("ratio", 0), "status_ratio.ratio") or 0.0,
+            ratio_retry_after=_number(share.get("retry_after"), "status_ratio.retry_after"),
             rng=random.Random(data.get("seed", 1)),
         )
-        if not 100 <= faults.burst_status <= 599 or faults.reset_ratio > 1:
-            raise BadKnob("faults: status_burst.status must be 100..599 and reset_ratio 0..1")
+        if not (100 <= faults.burst_status <= 599 and 100 <= faults.ratio_status <= 599):
+            raise BadKnob("faults: status_burst.status and status_ratio.status must be 100..599")
+        if faults.reset_ratio > 1 or faults.status_ratio > 1:
+            raise BadKnob("faults: reset_ratio and status_ratio.ratio must be 0..1")
         return faults
 
     def take_status(self) -> tuple[int, float | None] | None:
@@ -176,6 +199,39 @@ class Faults:
 
     def roll_reset(self) -> bool:
         return self.reset_ratio > 0 and self.rng.random() < self.reset_ratio
+
+    def roll_status(self) -> tuple[int, float | None] | None:
+        if self.status_ratio > 0 and self.rng.random() < self.status_ratio:
+            return self.ratio_status, self.ratio_retry_after
+        return None
+
+    def plan(self, knobs: Knobs) -> FaultPlan:
+        """What the global faults do to one POST request with ``knobs`` (both transports use this)."""
+        if self.roll_reset():
+            return FaultPlan(True, knobs.first_byte_s, None, None)
+        first_byte_s = max(knobs.first_byte_s, self.first_byte_ms / 1000)
+        status, retry_after = knobs.status, knobs.retry_after
+        injected = self.take_status() or self.roll_status()
+        if injected is not None and status is None:
+            status, retry_after = injected[0], injected[1] if retry_after is None else retry_after
+        return FaultPlan(False, first_byte_s, status, retry_after)
+
+
+@dataclass(frozen=True, slots=True)
+class FaultPlan:
+    """The fate of one request: abort it, or wait ``first_byte_s`` and answer ``status`` (if set)."""
+
+    reset: bool
+    first_byte_s: float
+    status: int | None
+    retry_after: float | None
+
+    @classmethod
+    def of(cls, method: str, knobs: Knobs, faults: Faults) -> FaultPlan:
+        """The plan of a request: global faults apply to POST requests only."""
+        if method == "POST":
+            return faults.plan(knobs)
+        return cls(False, knobs.first_byte_s, knobs.status, knobs.retry_after)
 
 
 @dataclass
@@ -194,6 +250,33 @@ class Stats:
     last_request: tuple[str, str, Mapping[str, str], Any] | None = None
 
 
+class AnswerLog:
+    """2xx answers that completed, by request id: how many, and how many ids got more than one.
+
+    Remembers the last ``capacity`` request ids (least recently answered first out), so memory is
+    bounded; an answer without an id counts in :attr:`answered` only."""
+
+    def __init__(self, capacity: int = ANSWER_IDS) -> None:
+        self.capacity = capacity
+        self.answered = 0
+        self.answered_twice = 0
+        self._counts: OrderedDict[str, int] = OrderedDict()
+
+    def record(self, request_id: str | None) -> None:
+        self.answered += 1
+        if request_id is None:
+            return
+        count = self._counts.pop(request_id, 0) + 1
+        self._counts[request_id] = count
+        if count == 2:
+            self.answered_twice += 1
+        if len(self._counts) > self.capacity:
+            self._counts.popitem(last=False)
+
+    def count(self, request_id: str) -> int:
+        return self._counts.get(request_id, 0)
+
+
 @dataclass(slots=True)
 class Call:
     """One counted request, as the handlers see it."""
@@ -205,6 +288,7 @@ class Call:
     state: MockState
     aborted: bool = False
     disconnected: bool = False
+    status: int | None = None  # of the response the handler returned
 
 
 class MockState:
@@ -214,6 +298,7 @@ class MockState:
         self.ids = itertools.count(1)
         self.stats = Stats()
         self.faults = Faults()
+        self.answers = AnswerLog()
 
     def reset(self) -> None:
         open_now = self.stats.h2_open_connections
@@ -221,13 +306,17 @@ class MockState:
             in_flight=self.stats.in_flight, h2_open_connections=open_now, h2_max_open_connections=open_now
         )
         self.faults = Faults()
+        self.answers = AnswerLog()
 
     def begin(self, request: web.Request, body: bytes, knobs: Knobs) -> Call:
         data = self.record_start(request.method, request.path, request.headers, body)
         return Call(request, body, data, knobs, self)
 
     def end(self, call: Call) -> None:
-        self.record_end(aborted=call.aborted, disconnected=call.disconnected)
+        request_id = call.request.headers.get("x-request-id")
+        self.record_end(
+            aborted=call.aborted, disconnected=call.disconnected, status=call.status, request_id=request_id
+        )
 
     def record_start(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> Any:
         """Count a request (any transport); returns its body parsed as JSON, or None."""
@@ -242,7 +331,10 @@ class MockState:
         s.last_request = (method, path, headers, data)
         return data
 
-    def record_end(self, *, aborted: bool, disconnected: bool) -> None:
+    def record_end(
+        self, *, aborted: bool, disconnected: bool, status: int | None = None, request_id: str | None = None
+    ) -> None:
+        """Count the end of a request (any transport); ``status``: of an answer sent in full."""
         s = self.stats
         s.in_flight -= 1
         if aborted:
@@ -252,9 +344,12 @@ class MockState:
             s.disconnect_times.append(time.monotonic())
         else:
             s.completed += 1
+            if status is not None and 200 <= status < 300:
+                self.answers.record(request_id)
 
     def snapshot(self) -> bytes:
-        out = dict(vars(self.stats))
+        out: dict[str, Any] = dict(vars(self.stats))
+        out["answered"], out["answered_twice"] = self.answers.answered, self.answers.answered_twice
         if self.stats.last_request is not None:
             method, path, headers, data = self.stats.last_request
             out["last_request"] = {"method": method, "path": path, "headers": _lower(headers), "json": data}
@@ -369,7 +464,9 @@ def _tracked(handler: CallHandler) -> Callable[[web.Request], Awaitable[web.Stre
         state = request.app[STATE_KEY]
         call = state.begin(request, await request.read(), knobs)
         try:
-            return await _serve(call, handler)
+            response = await _serve(call, handler)
+            call.status = response.status
+            return response
         except (asyncio.CancelledError, ConnectionResetError):
             call.disconnected = True
             raise
@@ -380,19 +477,13 @@ def _tracked(handler: CallHandler) -> Callable[[web.Request], Awaitable[web.Stre
 
 
 async def _serve(call: Call, handler: CallHandler) -> web.StreamResponse:
-    knobs, faults = call.knobs, call.state.faults
-    first_byte_s, status, retry_after = knobs.first_byte_s, knobs.status, knobs.retry_after
-    if call.request.method == "POST":
-        if faults.roll_reset():
-            return await _abort(call)
-        first_byte_s = max(first_byte_s, faults.first_byte_ms / 1000)
-        burst = faults.take_status()
-        if burst is not None and status is None:
-            status, retry_after = burst[0], burst[1] if retry_after is None else retry_after
-    if first_byte_s > 0:
-        await asyncio.sleep(first_byte_s)
-    if status is not None:
-        return await _send_error(call, status, retry_after=retry_after)
+    plan = FaultPlan.of(call.request.method, call.knobs, call.state.faults)
+    if plan.reset:
+        return await _abort(call)
+    if plan.first_byte_s > 0:
+        await asyncio.sleep(plan.first_byte_s)
+    if plan.status is not None:
+        return await _send_error(call, plan.status, retry_after=plan.retry_after)
     return await handler(call)
 
 

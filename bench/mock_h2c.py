@@ -6,8 +6,9 @@ the aiohttp app as before (the control endpoints stay HTTP/1.1). Both share one
 :class:`~bench.mock_backend.MockState`: the same stats and global faults.
 
 The OpenAI endpoints answer as over HTTP/1.1 (the same :class:`~bench.mock_backend.Generation`,
-embeddings and knobs). Differences: ``x-mock-reset-after`` and ``reset_ratio`` reset the *stream*
-(RST_STREAM INTERNAL_ERROR), not the connection; a client's RST_STREAM counts as a disconnect.
+embeddings, knobs, global faults and answer accounting). Differences: ``x-mock-reset-after`` and
+``reset_ratio`` reset the *stream* (RST_STREAM INTERNAL_ERROR), not the connection; a client's
+RST_STREAM counts as a disconnect.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from h2.exceptions import ProtocolError, StreamClosedError
 from bench.mock_backend import (
     _MODELS_BODY,
     BadKnob,
+    FaultPlan,
     Knobs,
     MockState,
     embeddings_body,
@@ -90,6 +92,7 @@ class _Stream:
         self.size = 0
         self.task: asyncio.Task[None] | None = None
         self.window = asyncio.Event()
+        self.status: int | None = None  # of the response head sent
 
 
 class H2cConnection(asyncio.Protocol):
@@ -184,8 +187,10 @@ class H2cConnection(asyncio.Protocol):
         body = b"".join(st.body)
         data = self.state.record_start(method, path.split("?", 1)[0], st.headers, body)
         aborted = disconnected = False
+        status: int | None = None
         try:
             await self._answer(st, method, path, knobs, data, body)
+            status = st.status  # the answer went out in full
         except asyncio.CancelledError:
             disconnected = True
         except _Reset:
@@ -195,22 +200,20 @@ class H2cConnection(asyncio.Protocol):
             disconnected = True
         finally:
             self.streams.pop(st.sid, None)
-            self.state.record_end(aborted=aborted, disconnected=disconnected)
+            request_id = st.headers.get("x-request-id")
+            self.state.record_end(
+                aborted=aborted, disconnected=disconnected, status=status, request_id=request_id
+            )
 
     async def _answer(
         self, st: _Stream, method: str, path: str, knobs: Knobs, data: Any, body: bytes
     ) -> None:
-        faults = self.state.faults
-        first_byte_s, status, retry_after = knobs.first_byte_s, knobs.status, knobs.retry_after
-        if method == "POST":
-            if faults.roll_reset():
-                raise _Reset
-            first_byte_s = max(first_byte_s, faults.first_byte_ms / 1000)
-            burst = faults.take_status()
-            if burst is not None and status is None:
-                status, retry_after = burst[0], burst[1] if retry_after is None else retry_after
-        if first_byte_s > 0:
-            await asyncio.sleep(first_byte_s)
+        plan = FaultPlan.of(method, knobs, self.state.faults)
+        if plan.reset:
+            raise _Reset
+        if plan.first_byte_s > 0:
+            await asyncio.sleep(plan.first_byte_s)
+        status, retry_after = plan.status, plan.retry_after
         if status is not None:
             headers = list(_JSON)
             if retry_after is not None:
@@ -288,6 +291,7 @@ class H2cConnection(asyncio.Protocol):
             await self._data(st, body, end=True)
 
     def _head(self, st: _Stream, status: int, headers: list[tuple[bytes, bytes]], end: bool) -> None:
+        st.status = status
         self.h2.send_headers(st.sid, [(b":status", b"%d" % status), *headers], end_stream=end)
         self.flush()
 

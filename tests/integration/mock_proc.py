@@ -125,7 +125,10 @@ class MockProcess:
         self._control("POST", "/_mock/reset")
 
     def set_faults(self, **faults: Any) -> None:
-        """E.g. ``status_burst={"status": 503, "count": 5, "retry_after": 1.5}, reset_ratio=0.1, seed=1``."""
+        """Replace the global faults (see ``bench.mock_backend.Faults``), e.g.
+        ``status_burst={"status": 503, "count": 5, "retry_after": 1.5}``,
+        ``status_ratio={"status": 503, "ratio": 0.05, "retry_after": None}``, ``reset_ratio=0.1``,
+        ``first_byte_ms=200``, ``seed=1`` (drives every random fault)."""
         self._control("POST", "/_mock/faults", json=faults)
 
     def clear_faults(self) -> None:

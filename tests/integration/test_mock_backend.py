@@ -14,6 +14,7 @@ import pytest
 from openai import AsyncOpenAI, OpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
+from bench.mock_backend import AnswerLog
 from tests.integration.mock_proc import MockProcess
 
 GREETING = "Hello, this is the mock backend."
@@ -241,10 +242,122 @@ def test_global_reset_ratio_and_clear(mock: MockProcess, client: OpenAI) -> None
     assert mock.wait_stats(lambda s: s["resets"] == 1)["completed"] == 1
 
 
-def test_bad_faults_are_rejected(mock: MockProcess) -> None:
+def _chat_outcomes(client: OpenAI, n: int) -> list[int]:
+    """Status of ``n`` chat completions (each with its own request id): 200 or the error's status."""
+    out = []
+    for i in range(n):
+        try:
+            client.chat.completions.create(model="m", messages=USER, extra_headers={"x-request-id": f"q{i}"})
+            out.append(200)
+        except openai.APIStatusError as e:
+            assert e.response.headers["retry-after"] == "2" and e.code is None
+            out.append(e.status_code)
+    return out
+
+
+def test_global_status_ratio_is_a_seeded_share(mock: MockProcess, client: OpenAI) -> None:
+    mock.set_faults(status_ratio={"status": 502, "ratio": 0.3, "retry_after": 2}, seed=11)
+    first = _chat_outcomes(client, 200)
+    assert set(first) == {200, 502}
+    assert 35 <= first.count(502) <= 85  # 60 expected; binomial sd 6.5
+    assert len(client.models.list().data) == 2  # GET requests are spared
+    stats = mock.stats()
+    assert stats["completed"] == 201 and stats["answered"] == first.count(200) + 1
+    mock.set_faults(status_ratio={"status": 502, "ratio": 0.3, "retry_after": 2}, seed=11)
+    assert _chat_outcomes(client, 200) == first  # the same seed, the same requests fail
+    mock.set_faults(status_ratio={"status": 502, "ratio": 0.3, "retry_after": 2}, seed=12)
+    assert _chat_outcomes(client, 200) != first
+
+
+def test_status_ratio_and_reset_ratio_share_the_seed(mock: MockProcess, client: OpenAI) -> None:
+    mock.set_faults(status_ratio={"ratio": 0.2}, reset_ratio=0.2, seed=5)
+    failures: list[str] = []
+    for _ in range(100):
+        try:
+            client.chat.completions.create(model="m", messages=USER)
+        except openai.InternalServerError as e:  # the default status: 503
+            assert e.status_code == 503 and "retry-after" not in e.response.headers
+            failures.append("status")
+        except openai.APIConnectionError:
+            failures.append("reset")
+    stats = mock.wait_stats(lambda s: s["in_flight"] == 0)
+    assert stats["resets"] == failures.count("reset") and 5 <= failures.count("reset") <= 40
+    assert 5 <= failures.count("status") <= 40
+    assert stats["answered"] == 100 - len(failures)
+
+
+def test_status_header_wins_over_status_ratio(mock: MockProcess, client: OpenAI) -> None:
+    mock.set_faults(status_ratio={"status": 503, "ratio": 1.0})
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="m", messages=USER, extra_headers={"x-mock-status": "429"})
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [
+        {"reset_rate": 0.5},
+        {"status_ratio": {"ratio": 1.5}},
+        {"status_ratio": {"status": 700, "ratio": 0.1}},
+        {"status_ratio": {"share": 0.1}},
+        {"status_ratio": 0.1},
+    ],
+)
+def test_bad_faults_are_rejected(mock: MockProcess, faults: dict[str, object]) -> None:
     with pytest.raises(httpx.HTTPStatusError) as caught:
-        mock.set_faults(reset_rate=0.5)
-    assert "unknown keys ['reset_rate']" in caught.value.response.text
+        mock.set_faults(**faults)
+    assert caught.value.response.status_code == 400
+    if "reset_rate" in faults:
+        assert "unknown keys ['reset_rate']" in caught.value.response.text
+
+
+# ---- answers by request id --------------------------------------------------------------------------
+
+
+def test_answers_are_counted_by_request_id(mock: MockProcess, client: OpenAI) -> None:
+    def chat(request_id: str, stream: bool = False, knobs: dict[str, str] | None = None) -> None:
+        headers = {"x-request-id": request_id, **(knobs or {})}
+        if stream:
+            list(client.chat.completions.create(model="m", messages=USER, stream=True, extra_headers=headers))
+        else:
+            client.chat.completions.create(model="m", messages=USER, extra_headers=headers)
+
+    chat("twice")
+    chat("twice", stream=True)  # the same id answered twice: once as a body, once as a stream
+    chat("once")
+    client.chat.completions.create(model="m", messages=USER)  # no id: counted in answered only
+    with pytest.raises(openai.InternalServerError):
+        chat("failed", knobs={"x-mock-status": "503"})  # not a 2xx
+    chat("failed")  # so this is its only answer
+    with pytest.raises(openai.APIConnectionError):
+        chat("cut", knobs={"x-mock-reset-after": "5"})  # aborted: not answered
+    with pytest.raises(openai.APIError):
+        chat("cut", stream=True, knobs={"x-mock-reset-after": "2", "x-mock-chunks": "5"})
+    with raw_chat_stream(
+        mock, {"x-request-id": "left", "x-mock-chunks": "100", "x-mock-delay-ms": "20"}
+    ) as r:
+        assert next(sse_events(r)).startswith("data: {")  # the client leaves mid-stream: not answered
+    stats = mock.wait_stats(lambda s: s["in_flight"] == 0 and s["disconnects"] == 1)
+    assert (stats["answered"], stats["answered_twice"]) == (5, 1)
+    chat("once")
+    chat("twice")  # a third answer of "twice" does not count it again; "once" now counts
+    stats = mock.stats()
+    assert (stats["answered"], stats["answered_twice"]) == (7, 2)
+    mock.reset()
+    assert {k: mock.stats()[k] for k in ("answered", "answered_twice")} == {
+        "answered": 0,
+        "answered_twice": 0,
+    }
+
+
+def test_answer_log_is_bounded() -> None:
+    log = AnswerLog(capacity=3)
+    for request_id in ("a", "b", "c", "a", "d"):  # "a" answered again: "b" is now the oldest
+        log.record(request_id)
+    assert (log.answered, log.answered_twice, log.count("a"), log.count("b")) == (5, 1, 2, 0)
+    log.record("b")  # forgotten, so not counted twice
+    log.record(None)
+    assert (log.answered, log.answered_twice, log.count("c")) == (7, 1, 0)
+    assert len({k for k in "abcd" if log.count(k)}) == 3
 
 
 # ---- echo, stats, disconnects -----------------------------------------------------------------------

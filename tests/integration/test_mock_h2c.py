@@ -77,3 +77,20 @@ def test_h2c_faults_and_disconnects_are_counted(h2c_mock: MockProcess) -> None:
         big = c.request("POST", "/v1/chat/completions", CHAT, {"x-mock-content-bytes": "300000"})
         status, body = c.json(big)  # more than the 64 KiB default window: flow control works
         assert status == 200 and len(orjson.dumps(body)) > 300_000
+
+
+def test_h2c_answers_and_status_ratio(h2c_mock: MockProcess) -> None:
+    with httpx.Client(http1=False, http2=True, base_url=h2c_mock.base_url, timeout=5) as client:
+        for request_id in ("a", "a", "b"):
+            reply = client.post("/chat/completions", json=CHAT, headers={"x-request-id": request_id})
+            assert reply.status_code == 200
+        with client.stream(
+            "POST", "/chat/completions", json={**CHAT, "stream": True}, headers={"x-request-id": "b"}
+        ) as stream:
+            assert stream.read().endswith(b"data: [DONE]\n\n")
+        stats = h2c_mock.stats()
+        assert (stats["answered"], stats["answered_twice"]) == (4, 2)
+        h2c_mock.set_faults(status_ratio={"status": 503, "ratio": 1.0, "retry_after": 1})
+        error = client.post("/chat/completions", json=CHAT, headers={"x-request-id": "c"})
+        assert (error.status_code, error.headers["retry-after"]) == (503, "1")
+    assert h2c_mock.stats()["answered"] == 4
