@@ -24,7 +24,7 @@ import logging
 import math
 from dataclasses import dataclass
 
-from middleware.circuit_state import OPEN, CircuitState, TripRules
+from middleware.circuit_state import CircuitState, TripRules
 from proxy.body import tap_body
 from proxy.chain import Handler
 from proxy.config import opt
@@ -114,21 +114,27 @@ class CircuitBreaker:
         slow = self.clock.now() - started > self.slow_call_s
         body = response.body
         if isinstance(body, bytes):
-            breaker.success(slow)
+            self.record_success(breaker, target.upstream, slow)
         else:
             response.body = tap_body(body, _StreamOutcome(self, breaker, target.upstream, slow))
         return response
 
+    def record_success(self, breaker: CircuitState, upstream: str, slow: bool) -> None:
+        trips = breaker.trips
+        breaker.success(slow)
+        if breaker.trips != trips:
+            self._log_open(breaker, upstream, "slow calls")
+
     def record_failure(self, breaker: CircuitState, upstream: str, exc: BaseException | None) -> None:
-        was_open = breaker.state == OPEN
+        trips = breaker.trips
         breaker.failure()
-        if breaker.state == OPEN and not was_open:
-            log.warning(
-                "circuit breaker of upstream %s opened for %g s (last failure: %s)",
-                upstream,
-                breaker.rules.open_s,
-                exc or "an error status",
-            )
+        if breaker.trips != trips:
+            self._log_open(breaker, upstream, f"failures; the last: {exc or 'an error status'}")
+
+    def _log_open(self, breaker: CircuitState, upstream: str, why: str) -> None:
+        log.warning(
+            "circuit breaker of upstream %s opened for %g s (%s)", upstream, breaker.rules.open_s, why
+        )
 
     def _none_left(self, model: str) -> NoHealthyTarget:
         upstreams = self.router.upstreams_of(model)
@@ -157,7 +163,7 @@ class _StreamOutcome:
 
     def end(self, exc: BaseException | None) -> bytes:
         if exc is None:
-            self.breaker.success(self.slow)
+            self.middleware.record_success(self.breaker, self.upstream, self.slow)
         elif isinstance(exc, asyncio.CancelledError) or not getattr(exc, "upstream_fault", False):
             self.breaker.release()  # the client left: no verdict on the upstream
         else:

@@ -148,6 +148,11 @@ class UpstreamConfig:
         600.0, "request sent → response head; non-streaming LLM calls need long; then 504", min=0.001
     )
     read_timeout_s: float = opt(120.0, "longest gap between body chunks; then the stream is cut", min=0.001)
+    total_timeout_s: float = opt(
+        1800.0,
+        "request sent → response complete, streams included; then 504, or a stream ends with an error",
+        min=0.001,
+    )
     protocol: Literal["http1", "h2c", "h2", "auto"] = opt(
         "auto", "http1; h2c (HTTP/2 on http://); h2 (HTTP/2 on https://); auto: ALPN on https, else http1"
     )

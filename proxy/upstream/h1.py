@@ -153,6 +153,7 @@ class H1Connection(asyncio.Protocol):
         # float store, so a non-streaming exchange arms no timer in the steady state.
         self._timer: asyncio.TimerHandle | None = None
         self._head_deadline = INF
+        self._total_deadline = INF  # the exchange must be complete by then (total_timeout_s)
         self._head_only = False
         self._batch: list[bytes] = []  # streamed body chunks parsed from the current read
         self._reset_exchange()
@@ -181,7 +182,10 @@ class H1Connection(asyncio.Protocol):
         waiter: asyncio.Future[tuple[int, Headers, bytes | UpstreamBody]] = self.loop.create_future()
         self._waiter = waiter
         transport.write(data)
-        self._head_deadline = deadline = self.loop.time() + self.pool.cfg.first_byte_timeout_s
+        cfg = self.pool.cfg
+        now = self.loop.time()
+        self._total_deadline = now + cfg.total_timeout_s
+        self._head_deadline = deadline = min(now + cfg.first_byte_timeout_s, self._total_deadline)
         if self._timer is None:
             self._timer = self.loop.call_at(deadline, self._on_timer)
         try:
@@ -204,9 +208,15 @@ class H1Connection(asyncio.Protocol):
             else:
                 self._fail(UpstreamTimeout(f"upstream {self.pool.name!r} sent no response in time"))
         elif self._body is not None:  # streaming a body: was anything read since the last look?
-            if self._active:
+            now = self.loop.time()
+            if now >= self._total_deadline:
+                self._fail(
+                    UpstreamTimeout(f"upstream {self.pool.name!r} did not finish within total_timeout_s")
+                )
+            elif self._active:
                 self._active = False
-                self._timer = self.loop.call_later(self.pool.cfg.read_timeout_s, self._on_timer)
+                gap_end = now + self.pool.cfg.read_timeout_s
+                self._timer = self.loop.call_at(min(gap_end, self._total_deadline), self._on_timer)
             else:
                 self._fail(UpstreamTimeout(f"upstream {self.pool.name!r} stalled mid-response"))
         # else: idle in the pool, nothing to watch; the next exchange arms a timer again
@@ -228,7 +238,7 @@ class H1Connection(asyncio.Protocol):
         self._body = stream
         self._early = []
         self._active = False
-        read_deadline = self.loop.time() + self.pool.cfg.read_timeout_s
+        read_deadline = min(self.loop.time() + self.pool.cfg.read_timeout_s, self._total_deadline)
         timer = self._timer
         if timer is None or timer.when() > read_deadline:
             if timer is not None:

@@ -74,7 +74,19 @@ class _GoawayTolerant(H2ConnectionStateMachine):
 
 
 class _Stream:
-    __slots__ = ("active", "body", "early", "ended", "head", "out", "recv_mark", "sid", "timer", "waiter")
+    __slots__ = (
+        "active",
+        "body",
+        "deadline",
+        "early",
+        "ended",
+        "head",
+        "out",
+        "recv_mark",
+        "sid",
+        "timer",
+        "waiter",
+    )
 
     def __init__(self, sid: int, waiter: asyncio.Future[Result], recv_mark: int) -> None:
         self.sid = sid
@@ -85,6 +97,7 @@ class _Stream:
         self.body: H2Body | None = None
         self.out: memoryview | None = None  # request body the peer's window has not let out yet
         self.timer: asyncio.TimerHandle | None = None
+        self.deadline = INF  # the response must be complete by then (total_timeout_s)
         self.active = False  # DATA since the read timer last looked
         self.recv_mark = recv_mark  # the connection's read count when the stream opened
 
@@ -210,7 +223,10 @@ class H2UpstreamConnection(asyncio.Protocol):
             st.out = memoryview(body)
             self._send_body(st)
         cfg = self.pool.cfg
-        st.timer = self.loop.call_later(cfg.first_byte_timeout_s, self._head_timeout, st)
+        st.deadline = self.loop.time() + cfg.total_timeout_s
+        st.timer = self.loop.call_later(
+            min(cfg.first_byte_timeout_s, cfg.total_timeout_s), self._head_timeout, st
+        )
         if self.last_recv < self.loop.time() - cfg.h2_ping_interval_s:
             self._ping()  # silent for long: is it still there?
         if not self._flush_queued:  # the requests sent in one loop iteration go out in one write
@@ -404,7 +420,7 @@ class H2UpstreamConnection(asyncio.Protocol):
             for data, flow in early:
                 body.feed(data, flow)
             st.active = False
-            st.timer = self.loop.call_later(self.pool.cfg.read_timeout_s, self._read_timeout, st)
+            self._arm_read(st)
             waiter.set_result((status, headers, body))
 
     # -- timeouts --------------------------------------------------------------------------------
@@ -415,12 +431,22 @@ class H2UpstreamConnection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_exception(UpstreamTimeout(f"upstream {self.pool.name!r} sent no response in time"))
 
+    def _arm_read(self, st: _Stream) -> None:
+        """Look again after the longest allowed gap between chunks, or at the total deadline."""
+        st.timer = self.loop.call_at(
+            min(self.loop.time() + self.pool.cfg.read_timeout_s, st.deadline), self._read_timeout, st
+        )
+
     def _read_timeout(self, st: _Stream) -> None:
         st.timer = None
         body = st.body
+        if body is not None and self.loop.time() >= st.deadline:
+            self.cancel_stream(st.sid)
+            body.end(UpstreamTimeout(f"upstream {self.pool.name!r} did not finish within total_timeout_s"))
+            return
         if st.active or body is None or body.waiting:
             st.active = False
-            st.timer = self.loop.call_later(self.pool.cfg.read_timeout_s, self._read_timeout, st)
+            self._arm_read(st)
             return
         self.cancel_stream(st.sid)
         body.end(UpstreamTimeout(f"upstream {self.pool.name!r} stalled mid-response"))
