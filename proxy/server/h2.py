@@ -33,6 +33,7 @@ from h2.events import (
     RequestReceived,
     StreamEnded,
     StreamReset,
+    TrailersReceived,
     WindowUpdated,
 )
 from h2.exceptions import ProtocolError, StreamClosedError
@@ -43,12 +44,14 @@ from hyperframe.frame import GoAwayFrame
 from proxy.config import Http2Config
 from proxy.errors import PayloadTooLarge, RequestTimeout
 from proxy.http import Headers, Request, RequestContext, Response
+from proxy.server.h2_decoder import FastDecoder
 from proxy.server.h2_encoder import StaticEncoder
 from proxy.server.h2_guard import ENHANCE_YOUR_CALM, FrameGuard, Violation
+from proxy.server.h2_request import MalformedHeaders, check_trailers, split_request
 from proxy.server.h2_stream import INF, H2Stream
 
 if TYPE_CHECKING:
-    from hpack import Encoder
+    from hpack import Decoder, Encoder
 
     from proxy.server.front import Front
 
@@ -70,15 +73,19 @@ class H2Connection(asyncio.Protocol):
         self.peer = ""
         self.closed = False
         # Response headers are ours, lower-case and without connection-specific fields
-        # (_RESPONSE_DROP): h2 need not check them again. Requests are checked in full.
+        # (_RESPONSE_DROP): h2 need not check them again. Request headers are checked in full by
+        # h2_request.split_request, in the pass that picks them apart, not by h2's generators.
         config = H2Configuration(
             client_side=False,
             header_encoding=None,
             validate_outbound_headers=False,
             normalize_outbound_headers=False,
+            validate_inbound_headers=False,
+            normalize_inbound_headers=False,
         )
         self.h2 = h2 = H2State(config=config)
         h2.encoder = cast("Encoder", StaticEncoder())
+        h2.decoder = cast("Decoder", FastDecoder())
         h2.local_settings = Settings(
             client=False,
             initial_values={
@@ -154,6 +161,8 @@ class H2Connection(asyncio.Protocol):
                         self._on_window_update(0)
                 elif kind is ConnectionTerminated:
                     self._on_goaway(cast(ConnectionTerminated, event))
+                elif kind is TrailersReceived:
+                    self._on_trailers(cast(TrailersReceived, event))
                 if self._dying:
                     return
         except Exception:
@@ -209,20 +218,11 @@ class H2Connection(asyncio.Protocol):
             if violation is not None:
                 self._die(violation)
             return
-        method = path = authority = b""
-        headers = Headers()
-        for name, value in event.headers or ():
-            if name[:1] == b":":
-                if name == b":method":
-                    method = value
-                elif name == b":path":
-                    path = value
-                elif name == b":authority":
-                    authority = value
-            else:
-                headers.append((name, value))
-        if authority and headers.get(b"host") is None:
-            headers.append((b"host", authority))
+        try:
+            method, path, headers = split_request(event.headers or ())
+        except MalformedHeaders as e:
+            self._die(Violation(ErrorCodes.PROTOCOL_ERROR, f"malformed request headers: {e}"))
+            return
         st = H2Stream(self, sid, method.decode("latin-1"), path, headers)
         self.streams[sid] = st
         self._idle_at = INF
@@ -232,6 +232,12 @@ class H2Connection(asyncio.Protocol):
         elif event.stream_ended is None:
             st.deadline = self.loop.time() + self.limits.body_timeout_s
             self.arm(st.deadline)
+
+    def _on_trailers(self, event: TrailersReceived) -> None:
+        try:
+            check_trailers(event.headers or ())
+        except MalformedHeaders as e:
+            self._die(Violation(ErrorCodes.PROTOCOL_ERROR, f"malformed trailers: {e}"))
 
     def _refuse(self, sid: int) -> None:
         # Events come after h2 has read the whole batch: the client may have reset it already.
