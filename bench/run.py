@@ -36,6 +36,7 @@ from types import FrameType
 
 import uvloop
 
+from bench import resilience
 from bench.common import REPO_ROOT, BenchError, Settings, say
 from bench.procs import (
     Children,
@@ -49,6 +50,7 @@ from bench.procs import (
 )
 from bench.ratelimit import measure_rate_limit, section
 from bench.report import Run, TargetResult, machine_info, write_results
+from bench.resilience import measure_resilience
 from bench.servers import Target, check_target, start_mock, start_nginx, start_sidecar
 from bench.ttfb import first_byte_times
 from bench.wrk import AFTER_64, AT_64, NS64, Scenario, run_wrk
@@ -137,6 +139,7 @@ def measure_all(settings: Settings, tools: Tools, sections: list[str]) -> list[T
             result.ttfb_ms = ttfb_ms
             say(f"  {result.name:8} ttfb p50 {statistics.median(ttfb_ms):.3f} ms")
         sections.append(section(measure_rate_limit(children, workdir, mock, tools, settings)))
+        sections.append(resilience.section(measure_resilience(children, workdir, mock, tools, settings)))
         return results
 
 

@@ -94,8 +94,10 @@ class Router:
 
         Raises ModelNotFound for a model no route serves."""
         route = self.route(model)
-        if not tried and healthy is None:
-            return route.pick(rng)
+        if not tried:  # the common case: a plain draw, kept when it is healthy (still by weight)
+            drawn = route.pick(rng)
+            if healthy is None or healthy(drawn.upstream):
+                return drawn
         chain = self._chains[model]
         for r in chain:
             target = r.pick_among(rng, lambda t: t not in tried and (healthy is None or healthy(t.upstream)))
