@@ -272,3 +272,24 @@ def test_total_timeout_cuts_a_slow_steady_stream_and_a_slow_answer(protocol: str
                 chat(client, **{"x-mock-first-byte-ms": "2000"})
             assert slow.value.status_code == 504
         mock.wait_stats(lambda s: s["disconnects"] == 2)  # both upstream calls were closed
+
+
+def test_when_the_route_cannot_serve_its_fallback_route_does(mock_b: MockProcess, tmp_path: Path) -> None:
+    config = (
+        'listen: {address: "127.0.0.1:0"}\n'
+        "upstreams:\n"
+        f'  dead: {{url: "{dead_url()}"}}\n'
+        f'  live: {{url: "{mock_b.url}"}}\n'
+        "routes:\n"
+        "  - model: demo-model\n"
+        "    targets: [{upstream: dead, model: big-model}]\n"
+        "    fallbacks: [small]\n"
+        "  - model: small\n"
+        "    targets: [{upstream: live, model: small-model}]\n"
+        f"middleware:\n{RESILIENT}"
+    )
+    with SidecarProcess(config, tmp_path) as sidecar, sdk(sidecar) as client:
+        raw = chat(client)
+    assert raw.http_response.status_code == 200 and raw.headers["x-retry-attempts"] == "1"
+    sent = mock_b.stats()["last_request"]["json"]
+    assert sent["model"] == "small-model"  # the fallback's target, with its own model name
