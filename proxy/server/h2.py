@@ -24,7 +24,6 @@ import logging
 from typing import TYPE_CHECKING, cast
 
 from h2.config import H2Configuration
-from h2.connection import H2Connection as H2State
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -48,6 +47,7 @@ from proxy.server.h2_decoder import FastDecoder
 from proxy.server.h2_encoder import StaticEncoder
 from proxy.server.h2_guard import ENHANCE_YOUR_CALM, FrameGuard, Violation
 from proxy.server.h2_request import MalformedHeaders, check_trailers, split_request
+from proxy.server.h2_state import LeanH2State
 from proxy.server.h2_stream import INF, H2Stream
 
 if TYPE_CHECKING:
@@ -83,7 +83,7 @@ class H2Connection(asyncio.Protocol):
             validate_inbound_headers=False,
             normalize_inbound_headers=False,
         )
-        self.h2 = h2 = H2State(config=config)
+        self.h2 = h2 = LeanH2State(config=config)
         h2.encoder = cast("Encoder", StaticEncoder())
         h2.decoder = cast("Decoder", FastDecoder())
         h2.local_settings = Settings(

@@ -1,0 +1,168 @@
+"""h2's connection state machine with a shorter path for the frames every response sends.
+
+A small response through h2's public API builds a ``HeadersFrame`` and a ``DataFrame`` object,
+re-encodes every header name and value, builds header validation flags twice, checks hyperframe's
+``Flags`` sets and serializes both frames; and every frame received is ``repr()``-ed for a trace log
+that goes nowhere (some 5 µs a frame). :class:`LeanH2State` keeps h2's state machines, flow-control
+windows and errors, and writes the common frames' bytes itself:
+
+- ``send_headers`` of a final response on a stream h2 knows: the connection and stream state
+  machines take the same inputs as in h2, the header block goes out as HEADERS (+ CONTINUATION when
+  it exceeds the peer's frame size). Anything else (1xx, priority, an unknown stream) takes h2's way;
+- ``send_data`` without padding and ``end_stream``: the same checks and window bookkeeping as h2, a
+  9-byte frame header and the payload;
+- ``_receive_frame``: h2's, without the ``repr(frame)``;
+- ``_open_streams`` (called for every new stream to enforce SETTINGS_MAX_CONCURRENT_STREAMS, and to
+  drop closed streams): the same loop, reading each stream's state once.
+
+These lean on h2 internals (``streams``, ``state_machine``, ``_data_to_send``, ``_closed_streams``,
+``_frame_dispatch_table``, each stream's ``outbound_flow_control_window``), stable since h2 3;
+tests/unit/test_h2_state.py checks the bytes against h2's own and fails if they go.
+Only the server side uses it (proxy/server/h2.py).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from typing import Any
+
+from h2.connection import ConnectionInputs, H2Connection
+from h2.errors import ErrorCodes
+from h2.events import Event
+from h2.exceptions import ProtocolError, StreamClosedError, StreamIDTooLowError
+from h2.stream import STREAM_OPEN, StreamInputs, StreamState
+from hyperframe.frame import Frame, RstStreamFrame
+
+_FRAME_HEADER = struct.Struct(">HBBBL")  # 24-bit length as 16 + 8 bits, type, flags, stream id
+_DATA, _HEADERS, _CONTINUATION = 0x0, 0x1, 0x9
+_END_STREAM, _END_HEADERS = 0x1, 0x4
+_CLOSED = StreamState.CLOSED
+
+
+def _frame_header(length: int, kind: int, flags: int, stream_id: int) -> bytes:
+    return _FRAME_HEADER.pack(length >> 8, length & 0xFF, kind, flags, stream_id)
+
+
+class LeanH2State(H2Connection):
+    """``h2.connection.H2Connection`` (server side) with the fast paths above."""
+
+    def send_headers(
+        self,
+        stream_id: int,
+        headers: Iterable[Any],
+        end_stream: bool = False,
+        priority_weight: int | None = None,
+        priority_depends_on: int | None = None,
+        priority_exclusive: bool | None = None,
+    ) -> None:
+        stream = self.streams.get(stream_id)
+        fields = headers if isinstance(headers, list) else list(headers)
+        if (
+            stream is None
+            or priority_weight is not None
+            or priority_depends_on is not None
+            or priority_exclusive is not None
+            or not fields
+            or fields[0][0] != b":status"
+            or fields[0][1][:1] == b"1"  # informational: h2 has its own inputs for those
+        ):
+            super().send_headers(
+                stream_id, fields, end_stream, priority_weight, priority_depends_on, priority_exclusive
+            )
+            return
+        self.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
+        machine = stream.state_machine
+        machine.process_input(StreamInputs.SEND_HEADERS)
+        if end_stream:
+            machine.process_input(StreamInputs.SEND_END_STREAM)
+        elif machine.trailers_sent:
+            raise ProtocolError("Trailers must have END_STREAM set.")
+        block = self.encoder.encode(fields)
+        size = len(block)
+        limit = self.max_outbound_frame_size
+        end = _END_STREAM if end_stream else 0
+        out = self._data_to_send
+        if size <= limit:
+            out += _frame_header(size, _HEADERS, end | _END_HEADERS, stream_id)
+            out += block
+            return
+        out += _frame_header(limit, _HEADERS, end, stream_id)
+        out += block[:limit]
+        for start in range(limit, size, limit):
+            part = block[start : start + limit]
+            last = start + limit >= size
+            out += _frame_header(len(part), _CONTINUATION, _END_HEADERS if last else 0, stream_id)
+            out += part
+
+    def send_data(
+        self, stream_id: int, data: bytes | memoryview, end_stream: bool = False, pad_length: Any = None
+    ) -> None:
+        stream = self.streams.get(stream_id)
+        size = len(data)
+        if (
+            stream is None
+            or pad_length is not None
+            or size > self.max_outbound_frame_size
+            or (size and size > min(self.outbound_flow_control_window, stream.outbound_flow_control_window))
+        ):
+            super().send_data(stream_id, data, end_stream, pad_length)  # h2 raises what it must
+            return
+        self.state_machine.process_input(ConnectionInputs.SEND_DATA)
+        machine = stream.state_machine
+        machine.process_input(StreamInputs.SEND_DATA)
+        if end_stream:
+            machine.process_input(StreamInputs.SEND_END_STREAM)
+        stream.outbound_flow_control_window -= size
+        self.outbound_flow_control_window -= size
+        out = self._data_to_send
+        out += _frame_header(size, _DATA, _END_STREAM if end_stream else 0, stream_id)
+        out += data
+
+    def end_stream(self, stream_id: int) -> None:
+        self.send_data(stream_id, b"", end_stream=True)
+
+    def _receive_frame(self, frame: Frame) -> list[Event]:
+        # h2 4.x's _receive_frame, less its ``trace("Received frame: %s", repr(frame))``.
+        events: list[Event]
+        try:
+            frames, events = self._frame_dispatch_table[frame.__class__](frame)
+        except StreamClosedError as e:
+            # Closed by RST_STREAM: answer with RST_STREAM; otherwise a connection error.
+            if self._stream_is_closed_by_reset(e.stream_id):
+                f = RstStreamFrame(e.stream_id)
+                f.error_code = e.error_code
+                self._prepare_for_sending([f])
+                events = e._events
+            else:
+                raise
+        except StreamIDTooLowError as e:
+            # A stream we no longer know: a stream error if we reset it, a connection error if it
+            # ended normally (STREAM_CLOSED) or was closed implicitly (PROTOCOL_ERROR).
+            if self._stream_is_closed_by_reset(e.stream_id):
+                f = RstStreamFrame(e.stream_id)
+                f.error_code = ErrorCodes.STREAM_CLOSED
+                self._prepare_for_sending([f])
+                events = []
+            elif self._stream_is_closed_by_end(e.stream_id):
+                raise StreamClosedError(e.stream_id) from e
+            else:
+                raise
+        else:
+            self._prepare_for_sending(frames)
+        return events
+
+    def _open_streams(self, remainder: int) -> int:
+        count = 0
+        closed: list[int] = []
+        open_states = STREAM_OPEN
+        for stream_id, stream in self.streams.items():
+            state = stream.state_machine.state
+            if open_states[state] and stream_id % 2 == remainder:
+                count += 1
+            elif state == _CLOSED:
+                closed.append(stream_id)
+        for stream_id in closed:
+            stream = self.streams.pop(stream_id)
+            self._closed_streams[stream_id] = stream.closed_by
+        return count
