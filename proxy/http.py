@@ -64,10 +64,10 @@ class RequestContext:
     """Per-request state that middleware read and write. Nothing per request lives anywhere else."""
 
     __slots__ = (
+        "_extra",
         "attempt",
         "client",
         "disconnected",
-        "extra",
         "identity",
         "request_id",
         "started",
@@ -86,7 +86,15 @@ class RequestContext:
         self.attempt = 0  # retries so far (``retry`` middleware)
         self.tried: tuple[Any, ...] = ()  # targets of earlier attempts, which failover avoids
         self.disconnected = False  # set by the front when the client goes away
-        self.extra: dict[str, Any] = {}  # free space for user middleware
+        self._extra: dict[str, Any] | None = None
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        """Free space for user middleware (made on first use: most requests never touch it)."""
+        extra = self._extra
+        if extra is None:
+            extra = self._extra = {}
+        return extra
 
 
 class Request:

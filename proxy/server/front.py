@@ -131,14 +131,15 @@ def discard_body(response: Response) -> None:
 
 
 def _status_lines() -> dict[int, bytes]:
-    return {s.value: b"HTTP/1.1 %d %b\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
+    return {s.value: b"HTTP/1.1 %d %b" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 
 
-STATUS_LINES = _status_lines()
+STATUS_LINES = _status_lines()  # without the CRLF
 
 
 def status_line(status: int) -> bytes:
+    """``HTTP/1.1 <status> <reason>``, without the CRLF."""
     line = STATUS_LINES.get(status)
     if line is None:
-        line = b"HTTP/1.1 %d Status\r\n" % status
+        line = b"HTTP/1.1 %d Status" % status
     return line

@@ -1,8 +1,10 @@
 """The HTTP/1.1 front: an asyncio.Protocol on httptools (llhttp).
 
-A callback per parsed message; a task per request only to run the chain; the response head and
-a bytes body go out in one write; a streamed upstream body is piped into the transport by
-callbacks (``BodySink``), with pause/resume reading for backpressure both ways.
+A callback per parsed message; one task per connection (``_serve``, made at its first request)
+runs the chain for each request in turn, woken by a future (no task per request: making one costs
+more than much of the rest of the front's work); the response head and a bytes body go out in one
+write; a streamed upstream body is piped into the transport by callbacks (``BodySink``), with
+pause/resume reading for backpressure both ways.
 
 Requests are answered in order (pipelining): parsed requests wait in ``_queue`` (at most
 ``limits.max_pipelined``, then reading pauses). Timeouts use one timer per connection that
@@ -29,7 +31,14 @@ from proxy.errors import (
     sse_error_event,
 )
 from proxy.http import Headers, PipeableBody, Request, RequestContext, Response
-from proxy.server.front import aclose_body, discard_body, error_response, is_event_stream, status_line
+from proxy.server.front import (
+    STATUS_LINES,
+    aclose_body,
+    discard_body,
+    error_response,
+    is_event_stream,
+    status_line,
+)
 
 if TYPE_CHECKING:
     from proxy.server.front import Front
@@ -47,6 +56,8 @@ H2_PREFACE = b"PRI * HTTP/2.0"
 H2_CLIENT_PREFACE = H2_PREFACE + b"\r\n\r\nSM\r\n\r\n"  # HTTP/2 with prior knowledge starts so
 
 _Item = tuple[Request, bool, bool]  # (request, keep_alive, http11)
+# Request headers the front itself looks at, found in one pass over the head.
+_WATCHED: frozenset[bytes] = frozenset({b"transfer-encoding", b"content-length", b"expect", b"x-request-id"})
 
 
 class _Closed(Exception):
@@ -67,7 +78,9 @@ class H1Connection(asyncio.Protocol):
         self._reading_paused = False
         self._stop_parsing = False
         self._close_after = False  # graceful shutdown asked us to close when idle
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None  # _serve, from the first request on
+        self._job: tuple[Request, bool] | None = None  # (request, http11) for _serve to answer
+        self._wake: asyncio.Future[None] | None = None  # _serve waits on it for the next job
         self._producer: PipeableBody | None = None  # the body being piped to us
         self._chunked = False  # current streamed response uses chunked framing
         self._sse = False  # current streamed response is SSE without Content-Length (see fail)
@@ -78,6 +91,7 @@ class H1Connection(asyncio.Protocol):
         self._deadline = INF
         self._deadline_phase = IDLE  # the phase the current deadline was set for
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = INF  # when _timer fires
         self._upgrade_head: bytes | None = None  # an Upgrade request's head, to parse its body again
         self._sniff: bytes | None = b""  # the first bytes, while they may be the HTTP/2 preface
         self._new_message()
@@ -85,6 +99,7 @@ class H1Connection(asyncio.Protocol):
     def _new_message(self) -> None:
         self._url = b""
         self._headers = Headers()
+        self._request_id: bytes | None = None  # the client's x-request-id
         self._header_bytes = 0
         self._head_reads = 0  # bytes of the reads that continued an unfinished head
         self._body: list[bytes] = []
@@ -166,6 +181,7 @@ class H1Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+            self._timer_at = INF
         producer = self._producer
         if producer is not None:
             self._producer = None
@@ -173,6 +189,10 @@ class H1Connection(asyncio.Protocol):
         task = self._task
         if task is not None and not task.done():
             task.cancel()
+        job = self._job
+        if job is not None:
+            self._job = None
+            job[0].ctx.disconnected = True
         for item in self._queue:
             if isinstance(item, tuple):
                 item[0].ctx.disconnected = True
@@ -211,19 +231,25 @@ class H1Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._phase = BODY
-        headers = self._headers
-        te = headers.get(b"transfer-encoding")
-        if te is not None and te.strip().lower() != b"chunked":
-            raise MalformedHttp("only 'Transfer-Encoding: chunked' is supported in requests")
-        cl = headers.get(b"content-length")
-        if cl is not None and int(cl) > self.limits.max_body_bytes:
-            raise self._too_large()
-        expect = headers.get(b"expect")
-        if expect is not None:
-            if expect.lower() != b"100-continue":
+        expect = False
+        for name, value in self._headers:  # one pass: the names the front acts on
+            if name not in _WATCHED:
+                continue
+            if name == b"content-length":
+                if int(value) > self.limits.max_body_bytes:
+                    raise self._too_large()
+            elif name == b"x-request-id":
+                if self._request_id is None:
+                    self._request_id = value
+            elif name == b"transfer-encoding":
+                if value.strip().lower() != b"chunked":
+                    raise MalformedHttp("only 'Transfer-Encoding: chunked' is supported in requests")
+            elif value.lower() != b"100-continue":  # expect
                 raise MalformedHttp("unsupported Expect header")
-            if not self._busy and not self._queue and self.transport is not None:
-                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            else:
+                expect = True
+        if expect and not self._busy and not self._queue and self.transport is not None:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, chunk: bytes) -> None:
         self._body_bytes += len(chunk)
@@ -238,14 +264,14 @@ class H1Connection(asyncio.Protocol):
             self._upgrade_head = self._head_without_upgrade()  # data_received parses it again
             return
         body = self._body
-        ctx = RequestContext(self.front.next_request_id(), self.peer, self.loop.time())
-        rid = headers.get(b"x-request-id")
+        rid = self._request_id
         if rid is None:
-            headers.append((b"x-request-id", ctx.request_id))
+            rid = self.front.next_request_id()
+            headers.append((b"x-request-id", rid))
         elif len(rid) > 200:
-            headers.set(b"x-request-id", ctx.request_id)
-        else:
-            ctx.request_id = rid
+            rid = self.front.next_request_id()
+            headers.set(b"x-request-id", rid)
+        ctx = RequestContext(rid, self.peer, self.loop.time())
         request = Request(
             parser.get_method().decode(),
             self._url,
@@ -302,39 +328,61 @@ class H1Connection(asyncio.Protocol):
             resp = Response(200, Headers([(b"content-type", b"application/json")]), local)
             self._write_whole(resp, request, http11)
             return
-        self._task = self.loop.create_task(self._run(request, http11))
+        self._job = (request, http11)
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            wake.set_result(None)
+        elif self._task is None:
+            self._task = self.loop.create_task(self._serve())
+        # else _serve is running (this call came from it, through _response_done): it takes the job next
 
-    async def _run(self, request: Request, http11: bool) -> None:
-        try:
-            response = await self.front.handler(request)
-        except ProxyError as e:
-            response = error_response(e)
-        except asyncio.CancelledError:
-            return  # the client went away; connection_lost has cleaned up
-        except Exception:
-            log.exception("unhandled error for %s %s", request.method, request.path)
-            response = error_response(internal_error())
-        if self.closed:
-            discard_body(response)
-            return
-        body = response.body
-        if isinstance(body, bytes):
-            self._write_whole(response, request, http11)
-        elif hasattr(body, "pipe"):  # a PipeableBody: an UpstreamBody, or a middleware's wrapper of one
-            pipeable = cast(PipeableBody, body)
-            self._write_head(response, request, getattr(body, "length", None), http11)
-            self._producer = pipeable
-            pipeable.pipe(self)  # finish() / fail() complete the response, from upstream callbacks
-            if self._write_paused:  # the client is still behind on an earlier response
-                pipeable.pause_producing()
-        else:
-            self._write_head(response, request, None, http11)
-            await self._write_iter(body)
+    async def _serve(self) -> None:
+        """The connection's task: for each job in turn, run the chain and start the response.
+
+        Ends with the connection (connection_lost cancels it)."""
+        loop = self.loop
+        while not self.closed:
+            job = self._job
+            if job is None:
+                self._wake = wake = loop.create_future()
+                try:
+                    await wake
+                except asyncio.CancelledError:
+                    return
+                continue
+            self._job = None
+            request, http11 = job
+            try:
+                response = await self.front.handler(request)
+            except ProxyError as e:
+                response = error_response(e)
+            except asyncio.CancelledError:
+                return  # the client went away; connection_lost has cleaned up
+            except Exception:
+                log.exception("unhandled error for %s %s", request.method, request.path)
+                response = error_response(internal_error())
+            if self.closed:
+                discard_body(response)
+                return
+            body = response.body
+            if isinstance(body, bytes):
+                self._write_whole(response, request, http11)
+            elif hasattr(body, "pipe"):  # a PipeableBody: an UpstreamBody, or a middleware's wrapper of one
+                pipeable = cast(PipeableBody, body)
+                self._write_head(response, request, getattr(body, "length", None), http11)
+                self._producer = pipeable
+                pipeable.pipe(self)  # finish() / fail() complete the response, from upstream callbacks
+                if self._write_paused:  # the client is still behind on an earlier response
+                    pipeable.pause_producing()
+            else:
+                self._write_head(response, request, None, http11)
+                await self._write_iter(body)
 
     def _write_whole(self, response: Response, request: Request | None, http11: bool) -> None:
         body = response.body
         assert isinstance(body, bytes)
-        head = self._head(response, request, b"content-length: %d\r\n" % len(body), http11)
+        head = self._head(response, request, b"content-length: %d" % len(body), http11)
         if self.transport is not None:
             if request is not None and request.method == "HEAD":
                 self.transport.write(head)
@@ -345,10 +393,10 @@ class H1Connection(asyncio.Protocol):
     def _write_head(self, response: Response, request: Request, length: int | None, http11: bool) -> None:
         self._sse = length is None and is_event_stream(response)
         if length is not None:
-            framing = b"content-length: %d\r\n" % length
+            framing = b"content-length: %d" % length
             self._chunked = False
         elif http11:
-            framing = b"transfer-encoding: chunked\r\n"
+            framing = b"transfer-encoding: chunked"
             self._chunked = True
         else:  # an HTTP/1.0 client: the body ends when the connection does
             framing = b""
@@ -358,17 +406,21 @@ class H1Connection(asyncio.Protocol):
             self.transport.write(self._head(response, request, framing, http11))
 
     def _head(self, response: Response, request: Request | None, framing: bytes, http11: bool) -> bytes:
-        parts = [status_line(response.status)]
-        parts.extend(b"%b: %b\r\n" % kv for kv in response.headers)
+        """The status line and header lines; ``framing`` is one header line without its CRLF, or b""."""
+        status = response.status
+        lines = [STATUS_LINES.get(status) or status_line(status)]
+        for name, value in response.headers:
+            lines.append(name + b": " + value)
         if request is not None:
-            parts.append(b"x-request-id: %b\r\n" % request.ctx.request_id)
-        parts.append(framing)
+            lines.append(b"x-request-id: " + request.ctx.request_id)
+        if framing:
+            lines.append(framing)
         if not self._keep_alive:
-            parts.append(b"connection: close\r\n")
+            lines.append(b"connection: close")
         elif not http11:
-            parts.append(b"connection: keep-alive\r\n")
-        parts.append(b"\r\n")
-        return b"".join(parts)
+            lines.append(b"connection: keep-alive")
+        lines.append(b"\r\n")  # joined: the last line's CRLF, then the empty line
+        return b"\r\n".join(lines)
 
     async def _write_iter(self, body: AsyncIterator[bytes]) -> None:
         try:
@@ -423,7 +475,6 @@ class H1Connection(asyncio.Protocol):
     # -- connection management -------------------------------------------------------------------
     def _response_done(self) -> None:
         self._busy = False
-        self._task = None
         if not self._keep_alive:
             if self._stop_parsing:
                 self._linger()
@@ -480,6 +531,7 @@ class H1Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+            self._timer_at = INF
         return self.front.switch_to_h2(transport, data)
 
     def close_when_idle(self) -> None:
@@ -500,19 +552,21 @@ class H1Connection(asyncio.Protocol):
         deadline = self.loop.time() + seconds
         self._deadline = deadline
         self._deadline_phase = phase
-        timer = self._timer
-        if timer is None or timer.when() > deadline:
-            if timer is not None:
-                timer.cancel()
+        if self._timer_at > deadline:  # no timer (INF), or one that fires too late
+            if self._timer is not None:
+                self._timer.cancel()
             self._timer = self.loop.call_at(deadline, self._on_timer)
+            self._timer_at = deadline
 
     def _on_timer(self) -> None:
         self._timer = None
+        self._timer_at = INF
         deadline = self._deadline
         if deadline == INF or self.closed:
             return
         if self.loop.time() < deadline:
             self._timer = self.loop.call_at(deadline, self._on_timer)
+            self._timer_at = deadline
             return
         if self._phase == IDLE:
             self._close()  # keep-alive timeout: nothing to say
