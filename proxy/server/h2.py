@@ -13,7 +13,8 @@ closes abusive connections (CONTINUATION, control frame and Rapid Reset floods) 
 ENHANCE_YOUR_CALM; h2 itself answers protocol errors with GOAWAY PROTOCOL_ERROR and friends.
 Shutdown sends GOAWAY NO_ERROR with the last stream id and lets the streams under way finish.
 
-Data is flushed once per batch of received frames, and once per chunk piped from an upstream.
+Data is flushed once per batch of received frames, and otherwise once per loop iteration
+(``flush_soon``): responses and chunks that become ready together leave in one write.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ log = logging.getLogger("llm_sidecar.front")
 # abort. Closing with unread input makes the kernel send a reset, which can destroy the GOAWAY
 # before the client reads it (a lingering close, as nginx does).
 LINGER_S = 1.0
+# flush_soon() writes at once when this much is queued in h2 (a big stream, not small responses).
+FLUSH_NOW_BYTES = 64 * 1024
 
 
 class H2Connection(asyncio.Protocol):
@@ -99,6 +102,7 @@ class H2Connection(asyncio.Protocol):
         self.streams: dict[int, H2Stream] = {}
         self.blocked: dict[H2Stream, None] = {}  # streams with pending data, in arrival order
         self.in_batch = False  # handling received frames: flush once at the end
+        self._flush_pending = False  # flush_soon() has a callback queued
         self.write_paused = False
         self._goaway_last: int | None = None  # GOAWAY sent: streams above this id are refused
         self._dying = False  # closing for an error: nothing more is read
@@ -366,6 +370,21 @@ class H2Connection(asyncio.Protocol):
                 self._close()
             else:
                 self._became_idle()
+
+    def flush_soon(self) -> None:
+        """Flush once the loop has run what is ready now: the responses that complete in one loop
+        iteration (upstream answers read by one poll) leave in one write to the socket. Past
+        FLUSH_NOW_BYTES it flushes at once, so a client that stops reading pauses the writers
+        (``pause_writing``) before more than that piles up."""
+        if self.h2.outbound_bytes >= FLUSH_NOW_BYTES:
+            self.flush()
+        elif not self._flush_pending:
+            self._flush_pending = True
+            self.loop.call_soon(self._flush_queued)
+
+    def _flush_queued(self) -> None:
+        self._flush_pending = False
+        self.flush()
 
     def flush(self) -> None:
         transport = self.transport

@@ -47,6 +47,11 @@ def _frame_header(length: int, kind: int, flags: int, stream_id: int) -> bytes:
 class LeanH2State(H2Connection):
     """``h2.connection.H2Connection`` (server side) with the fast paths above."""
 
+    @property
+    def outbound_bytes(self) -> int:
+        """Bytes queued for ``data_to_send()``."""
+        return len(self._data_to_send)
+
     def send_headers(
         self,
         stream_id: int,

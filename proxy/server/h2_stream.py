@@ -153,7 +153,7 @@ class H2Stream:
             self.ended = True
             self._after_end()
         if flush and not conn.in_batch:
-            conn.flush()
+            conn.flush_soon()
 
     def send_whole(self, response: Response) -> None:
         """Head and body in one flush (one write to the socket when the window allows)."""
@@ -167,7 +167,7 @@ class H2Stream:
             self.end_pending = True
             self.send_pending()
         if not conn.in_batch:
-            conn.flush()
+            conn.flush_soon()
         conn.forget_if_done(self)
 
     def answer_early(self, err: ProxyError) -> None:
@@ -269,7 +269,7 @@ class H2Stream:
             if self.producer is not None:
                 self.producer.pause_producing()
         if not conn.in_batch:
-            conn.flush()
+            conn.flush_soon()
 
     def finish(self) -> None:
         self.producer = None
@@ -278,7 +278,7 @@ class H2Stream:
             self.end_pending = True
             self.send_pending()
             if not conn.in_batch:
-                conn.flush()
+                conn.flush_soon()
         conn.forget_if_done(self)
 
     def fail(self, exc: BaseException) -> None:
