@@ -409,8 +409,8 @@ class H1Connection(asyncio.Protocol):
         """The status line and header lines; ``framing`` is one header line without its CRLF, or b""."""
         status = response.status
         lines = [STATUS_LINES.get(status) or status_line(status)]
-        for name, value in response.headers:
-            lines.append(name + b": " + value)
+        for kv in response.headers:
+            lines.append(b": ".join(kv))
         if request is not None:
             lines.append(b"x-request-id: " + request.ctx.request_id)
         if framing:

@@ -1,9 +1,11 @@
 """One pooled HTTP/1.1 connection to an upstream, parsed with httptools (llhttp).
 
-An exchange: ``exchange(data)`` writes the whole request in one call and waits for the response
-head. If the whole response arrived with it (the usual non-streaming case), the body comes back
-as ``bytes`` and the connection is already back in the pool; otherwise an :class:`UpstreamBody`
-streams the rest, by callbacks into the front (``pipe``) or as an async iterator.
+An exchange: ``start(data)`` writes the whole request in one call and gives the future of the
+response head, which the pool awaits (``H1Pool.send``; a future, not a coroutine: one frame
+less). If the whole response arrived with the head (the usual non-streaming case), the body comes
+back as ``bytes`` and the connection is already back in the pool; otherwise an
+:class:`UpstreamBody` streams the rest, by callbacks into the front (``pipe``) or as an async
+iterator.
 """
 
 from __future__ import annotations
@@ -136,6 +138,9 @@ class UpstreamBody:
         self.abort()
 
 
+Head = tuple[int, Headers, bytes | UpstreamBody]  # status, headers, body (see start)
+
+
 class H1Connection(asyncio.Protocol):
     """An asyncio protocol for one upstream connection; at most one exchange at a time."""
 
@@ -147,7 +152,8 @@ class H1Connection(asyncio.Protocol):
         self.closed = False
         self.reused = False  # served an exchange before: a failure may be a stale keep-alive
         self.idle_since = 0.0
-        self._waiter: asyncio.Future[tuple[int, Headers, bytes | UpstreamBody]] | None = None
+        self._reading_paused = False
+        self._waiter: asyncio.Future[Head] | None = None
         # One timer per connection, armed lazily: it watches ``_head_deadline`` while a response
         # head is awaited and the read-idle gap while a body streams. Moving the deadline is a
         # float store, so a non-streaming exchange arms no timer in the steady state.
@@ -159,7 +165,8 @@ class H1Connection(asyncio.Protocol):
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
-        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._headers = Headers()  # the response headers that pass through to the client
+        self._dropped: list[tuple[bytes, bytes]] = []  # hop-by-hop and framing: only read here
         self._status = 0
         self._head_done = False
         self._complete = False
@@ -170,32 +177,35 @@ class H1Connection(asyncio.Protocol):
         self._keep_alive = True
         self._length: int | None = None
         self._until_eof = False  # the body has neither a length nor chunks: the close ends it
-        self._drop = RESPONSE_DROP  # plus the names listed in the response's Connection header
 
     # -- exchange ----------------------------------------------------------------------------------
-    async def exchange(self, data: bytes, head_only: bool) -> tuple[int, Headers, bytes | UpstreamBody]:
+    def start(self, data: bytes, head_only: bool) -> asyncio.Future[Head]:
+        """Send a request (all of it in ``data``); the future gives (status, headers, body) once the
+        response head is in. Whoever awaits it calls :meth:`cancel` if it is cancelled."""
         transport = self.transport
         if self.closed or transport is None or transport.is_closing():
             raise UpstreamClosed("upstream connection closed", sent_nothing_new=True)
         self._reset_exchange()
         self._head_only = head_only
-        waiter: asyncio.Future[tuple[int, Headers, bytes | UpstreamBody]] = self.loop.create_future()
+        waiter: asyncio.Future[Head] = self.loop.create_future()
         self._waiter = waiter
         transport.write(data)
         cfg = self.pool.cfg
         now = self.loop.time()
-        self._total_deadline = now + cfg.total_timeout_s
-        self._head_deadline = deadline = min(now + cfg.first_byte_timeout_s, self._total_deadline)
+        self._total_deadline = total = now + cfg.total_timeout_s
+        deadline = now + cfg.first_byte_timeout_s
+        if deadline > total:
+            deadline = total
+        self._head_deadline = deadline
         if self._timer is None:
             self._timer = self.loop.call_at(deadline, self._on_timer)
-        try:
-            return await waiter
-        except asyncio.CancelledError:
-            # The client left before the head came: stop the backend's work. (By the time we
-            # resume, the connection may already serve another exchange: only touch it if not.)
-            if self._waiter is waiter:
-                self.abort()
-            raise
+        return waiter
+
+    def cancel(self, waiter: asyncio.Future[Head]) -> None:
+        """The client left before the head came: stop the backend's work. (By then the connection
+        may already serve another exchange: only touch it if not.)"""
+        if self._waiter is waiter:
+            self.abort()
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -227,8 +237,7 @@ class H1Connection(asyncio.Protocol):
             return
         self._waiter = None
         self._head_deadline = INF
-        drop = self._drop
-        headers = Headers([(k, v) for k, v in self._raw_headers if k not in drop])
+        headers = self._headers
         if self._complete:
             body: bytes | UpstreamBody = b"".join(self._early) if len(self._early) != 1 else self._early[0]
             waiter.set_result((self._status, headers, body))
@@ -253,7 +262,8 @@ class H1Connection(asyncio.Protocol):
             self.reused = True
             # A front may have paused reading in the middle of the read that held the end of the
             # body (a slow client): the body is done, so that pause would never be lifted.
-            self.resume_reading()
+            if self._reading_paused:
+                self.resume_reading()
             self.pool.release(self)
         else:
             self.abort()
@@ -270,10 +280,12 @@ class H1Connection(asyncio.Protocol):
     # -- flow control ------------------------------------------------------------------------------
     def pause_reading(self) -> None:
         if self.transport is not None and not self.closed:
+            self._reading_paused = True
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
         if self.transport is not None and not self.closed:
+            self._reading_paused = False
             self.transport.resume_reading()
 
     def abort(self) -> None:
@@ -345,25 +357,31 @@ class H1Connection(asyncio.Protocol):
 
     # -- httptools callbacks -----------------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._raw_headers.append((name.lower(), value))
+        name = name.lower()
+        if name in RESPONSE_DROP:
+            self._dropped.append((name, value))
+        else:
+            self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         if 100 <= status < 200 and status != 101:
-            self._raw_headers = []  # an interim response (100 Continue): the real head follows
+            # an interim response (100 Continue): the real head follows
+            self._headers = Headers()
+            self._dropped = []
             return
         self._status = status
         self._keep_alive = self.parser.should_keep_alive()
         chunked = False
-        for k, v in self._raw_headers:
+        for k, v in self._dropped:
             if k == b"content-length":
                 self._length = int(v)
             elif k == b"transfer-encoding":
                 chunked = v.rstrip().lower().endswith(b"chunked")
-            elif k == b"connection":
-                tokens = {t.strip().lower() for t in v.split(b",") if t.strip()} - RESPONSE_DROP
+            elif k == b"connection":  # the names it lists are hop-by-hop too
+                tokens = {t.strip().lower() for t in v.split(b",") if t.strip()}
                 if tokens:
-                    self._drop = self._drop | tokens
+                    self._headers = Headers([kv for kv in self._headers if kv[0] not in tokens])
         self._until_eof = self._length is None and not chunked
         self._head_done = True
         if self._head_only:

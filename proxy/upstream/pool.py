@@ -33,8 +33,9 @@ class H1Pool:
         self._port = addr.port
         self._ssl: ssl.SSLContext | None = ssl.create_default_context() if addr.scheme == "https" else None
         self._prefix = addr.prefix
-        self._host_line = b"host: " + addr.host_header + b"\r\n"
-        self._auth_line = b"authorization: Bearer " + cfg.api_key.encode() + b"\r\n" if cfg.api_key else b""
+        auth = b"\r\nauthorization: Bearer " + cfg.api_key.encode() if cfg.api_key else b""
+        # The request line's end, host and our credential: " HTTP/1.1\r\nhost: ...[\r\nauthorization: ...]"
+        self._after_target = b" HTTP/1.1\r\nhost: " + addr.host_header + auth
         self._drop = request_drop_set(bool(cfg.api_key))
         self._idle: deque[H1Connection] = deque()
         self._waiters: deque[asyncio.Future[H1Connection | None]] = deque()
@@ -49,7 +50,12 @@ class H1Pool:
         for attempt in (0, 1):
             conn = self._take_idle() or await self._acquire()  # no coroutine when one is idle
             try:
-                status, headers, resp_body = await conn.exchange(data, head_only)
+                waiter = conn.start(data, head_only)
+                try:
+                    status, headers, resp_body = await waiter
+                except asyncio.CancelledError:
+                    conn.cancel(waiter)
+                    raise
             except UpstreamClosed as e:
                 if e.stale and attempt == 0:
                     # A keep-alive connection the upstream had closed: it never saw this request.
@@ -81,24 +87,21 @@ class H1Pool:
     def _serialize(self, request: Request, body: bytes) -> bytes:
         drop = self._drop
         headers = request.headers
-        if b"connection" in (k for k, _ in headers):
-            drop = drop | connection_tokens(headers)
-        parts = [
-            request.method.encode(),
-            b" ",
-            self._prefix,
-            request.raw_target,
-            b" HTTP/1.1\r\n",
-            self._host_line,
-            self._auth_line,
-        ]
-        parts.extend(b"%b: %b\r\n" % kv for kv in headers if kv[0] not in drop)
-        if body or request.method in ("POST", "PUT", "PATCH"):
-            parts.append(b"content-length: %d\r\n\r\n" % len(body))
-            parts.append(body)
+        method = request.method
+        lines = [method.encode() + b" " + self._prefix + request.raw_target + self._after_target]
+        for kv in headers:
+            if kv[0] not in drop:
+                lines.append(b": ".join(kv))
+            elif kv[0] == b"connection":  # rare: the names it lists are hop-by-hop too
+                drop = drop | connection_tokens(headers)
+                lines[1:] = [b": ".join(kv) for kv in headers if kv[0] not in drop]
+                break
+        if body or method in ("POST", "PUT", "PATCH"):
+            lines.append(b"content-length: %d\r\n" % len(body))
+            lines.append(body)  # joined: the CRLF of the line above, then the empty line's, the body
         else:
-            parts.append(b"\r\n")
-        return b"".join(parts)
+            lines.append(b"\r\n")  # joined: the last line's CRLF, then the empty line's
+        return b"\r\n".join(lines)
 
     # -- pool decisions ----------------------------------------------------------------------------
     async def _acquire(self) -> H1Connection:
