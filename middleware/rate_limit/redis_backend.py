@@ -21,9 +21,6 @@ from collections.abc import Callable
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from redis.asyncio import ConnectionPool
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from middleware.rate_limit.backend import Ask, Ticket
@@ -31,6 +28,7 @@ from middleware.rate_limit.breaker import CLOSED, Breaker
 from middleware.rate_limit.bucket import IN_FLIGHT_RETRY_S, Decision, LimitSpec, Reason
 from middleware.rate_limit.config import RateLimitConfig
 from middleware.rate_limit.redis_batcher import ScriptBatcher, StoreUnavailable, command, command_head
+from middleware.rate_limit.redis_conn import Endpoint
 from proxy.clock import Clock
 from proxy.errors import RateLimiterUnavailable
 
@@ -45,15 +43,9 @@ class RedisBackend:
     def __init__(self, config: RateLimitConfig, clock: Clock, now: Callable[[], float] | None = None) -> None:
         rc = config.redis
         timeout_s = rc.timeout_ms / 1000
-        self.pool = ConnectionPool.from_url(  # only to make the batcher's connections
-            rc.url,
-            socket_connect_timeout=timeout_s,
-            socket_timeout=None,  # every round trip has its own deadline (redis_batcher.py)
-            # No retries: a script call may have run although its answer was lost, so sending it
-            # again could take twice. The deadline and the breaker decide instead.
-            retry=Retry(NoBackoff(), 0),
-        )
-        self.batcher = ScriptBatcher(self.pool, rc.max_connections, timeout_s, self._outcome)
+        # No retries: a script call may have run although its answer was lost, so sending it again
+        # could take twice. The deadline (connecting included) and the breaker decide instead.
+        self.batcher = ScriptBatcher(Endpoint(rc.url), rc.max_connections, timeout_s, self._outcome)
         self.breaker = Breaker(rc.breaker_failures, rc.breaker_open_s, clock)
         self.deny = config.on_redis_error == "deny"
         self.prefix = rc.key_prefix
@@ -102,7 +94,6 @@ class RedisBackend:
 
     async def aclose(self) -> None:
         await self.batcher.aclose()
-        await self.pool.disconnect()
 
     # -- helpers --------------------------------------------------------------------------------------
     def _bucket_heads(self, ask: Ask) -> tuple[bytes, bytes]:

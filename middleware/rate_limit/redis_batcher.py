@@ -1,12 +1,12 @@
 """Script calls to Redis, batched: what was asked while a connection was busy (or in the same
 event-loop iteration) leaves as one write and comes back as one read, under one deadline.
 
-The batcher has its own few connections (``redis.max_connections``, redis-py's own connection and
-parser), each carrying one round trip at a time: calls queue up meanwhile and all go in its next
-write, so batches grow with the load by themselves. Hot-path economy: a call is bytes already in
-RESP form (the constant part of each bucket's command is encoded once, see ``command``), written
-with ``send_packed_command`` and read back with ``read_response``; no command packing, pool or
-pipeline bookkeeping, and no task per call (one per busy connection).
+The batcher has its own few connections (``redis.max_connections``, redis_conn.py: an asyncio
+protocol of ours, RESP parsed by resp.py), each carrying one round trip at a time: calls queue up
+meanwhile and all go in its next write, so batches grow with the load by themselves. Hot-path
+economy: a call is bytes already in RESP form (the constant part of each bucket's command is encoded
+once, see ``command``), written in one write, the replies handed back in one list; no command
+packing, pool or pipeline bookkeeping, and no task per call (one per busy connection).
 
 Settlements of the same bucket are merged into one call (their token differences summed, their
 in-flight members listed), and wait up to SETTLE_DELAY_S for the next admission to ride along with
@@ -27,17 +27,11 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
-from redis.asyncio import Connection, ConnectionPool
-from redis.exceptions import (
-    ClusterDownError,
-    ConnectionError,
-    NoScriptError,
-    RedisError,
-    ResponseError,
-    TryAgainError,
-)
+from redis.exceptions import ClusterDownError, ConnectionError, NoScriptError, RedisError, TryAgainError
 
 from middleware.rate_limit import lua
+from middleware.rate_limit.redis_conn import Endpoint, RedisConnection
+from middleware.rate_limit.resp import bulk
 
 log = logging.getLogger("llm_sidecar.rate_limit")
 
@@ -48,14 +42,10 @@ MAX_MEMBERS: Final = 512
 SETTLE_DELAY_S: Final = 0.005
 # Error replies of a command Redis did not run but will later (a busy script, a cluster failing
 # over): such a settlement is sent again. (LOADING, a restarted server reading its data, fails the
-# whole round trip: redis-py raises it as a connection error.)
+# whole round trip: redis_conn.py raises it as a connection error.)
 TRANSIENT: Final = (TryAgainError, ClusterDownError)  # MASTERDOWN is a ClusterDownError
 # Buckets whose settlements may wait (while Redis is unreachable) before more are dropped.
 MAX_HELD: Final = 10_000
-
-
-def bulk(value: bytes) -> bytes:
-    return b"$%d\r\n%b\r\n" % (len(value), value)
 
 
 def command_head(keys: Sequence[bytes], args: Sequence[bytes]) -> bytes:
@@ -97,7 +87,7 @@ _Call = tuple[bytes, "asyncio.Future[Any] | None", Undo | None, tuple[SettleKey,
 
 
 class ScriptBatcher:
-    def __init__(self, pool: ConnectionPool, connections: int, timeout_s: float, on_outcome: Outcome) -> None:
+    def __init__(self, endpoint: Endpoint, connections: int, timeout_s: float, on_outcome: Outcome) -> None:
         self.timeout_s = timeout_s
         self.on_outcome = on_outcome
         self.hold = False  # Redis is unreachable (the breaker is open): keep settlements for later
@@ -105,10 +95,7 @@ class ScriptBatcher:
         self._settles: dict[SettleKey, _Settle] = {}
         self._soon = False  # a flush is due in this loop iteration
         self._later: asyncio.TimerHandle | None = None  # a flush of settlements only, a little later
-        self._free: list[Connection] = [
-            pool.make_connection()  # type: ignore[no-untyped-call]
-            for _ in range(connections)
-        ]
+        self._free = [RedisConnection(endpoint) for _ in range(connections)]
         self._tasks: set[asyncio.Task[None]] = set()  # one per busy connection (awaited by drain)
 
     def call(self, data: bytes, waiter: asyncio.Future[Any], undo: Undo | None = None) -> None:
@@ -169,7 +156,7 @@ class ScriptBatcher:
         self._calls = []
         return batch
 
-    async def _carry(self, conn: Connection) -> None:
+    async def _carry(self, conn: RedisConnection) -> None:
         """Round trips on ``conn`` while something is queued and Redis answers."""
         try:
             while batch := self._take():
@@ -182,25 +169,25 @@ class ScriptBatcher:
         finally:
             self._free.append(conn)
 
-    async def _round_trip(self, conn: Connection, batch: list[_Call]) -> bool:
+    async def _round_trip(self, conn: RedisConnection, batch: list[_Call]) -> bool:
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
         try:
-            async with asyncio.timeout(self.timeout_s):
-                commands = [call[0] for call in batch]
-                reused = conn.is_connected
-                try:
-                    replies = await self._exchange(conn, commands)
-                except ConnectionError:
-                    if not reused:
-                        raise
-                    replies = await self._exchange(conn, commands)  # it had died idle: once more
-                missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-                if missing:
-                    [loaded] = await self._exchange(conn, [LOAD_SCRIPT])
-                    if isinstance(loaded, Exception):
-                        raise loaded
-                    again = await self._exchange(conn, [batch[i][0] for i in missing])
-                    for i, reply in zip(missing, again, strict=True):
-                        replies[i] = reply
+            commands = [call[0] for call in batch]
+            reused = conn.is_connected
+            try:
+                replies = await conn.exchange(commands, deadline)
+            except ConnectionError:
+                if not reused:
+                    raise
+                replies = await conn.exchange(commands, deadline)  # it had died idle: once more
+            missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+            if missing:
+                [loaded] = await conn.exchange([LOAD_SCRIPT], deadline)
+                if isinstance(loaded, Exception):
+                    raise loaded
+                again = await conn.exchange([batch[i][0] for i in missing], deadline)
+                for i, reply in zip(missing, again, strict=True):
+                    replies[i] = reply
         except (RedisError, OSError, TimeoutError) as e:
             self.on_outcome(e, len(batch))
             self._fail(batch, StoreUnavailable(f"{type(e).__name__}: {e}"), sent=True)
@@ -240,22 +227,6 @@ class ScriptBatcher:
         for member in members:
             self.settle(key, 0, member)
 
-    @staticmethod
-    async def _exchange(conn: Connection, commands: list[bytes]) -> list[Any]:
-        """Write ``commands`` at once; read their replies in order. (It connects when it must.)"""
-        try:
-            await conn.send_packed_command(commands, check_health=False)
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(await conn.read_response())
-                except ResponseError as e:  # an error reply; the connection is still in step
-                    replies.append(e)
-            return replies
-        except BaseException:
-            await conn.disconnect(nowait=True)  # replies may be left unread: start afresh next time
-            raise
-
     async def drain(self) -> None:
         """Send what is queued and wait (a bounded time) for the round trips under way."""
         self._flush()
@@ -270,4 +241,4 @@ class ScriptBatcher:
         if self._later is not None:
             self._later.cancel()
         for conn in self._free:
-            await conn.disconnect()
+            conn.disconnect()
