@@ -44,7 +44,7 @@ http {{
     }}
 
     server {{
-        listen {listen} backlog=4096;
+        listen {listen} backlog=4096{http2};
         location / {{
             proxy_pass http://backend;
             proxy_http_version 1.1;
@@ -56,21 +56,25 @@ http {{
 """
 
 
-def render_config(prefix: Path, listen: str, upstream: str, *, as_root: bool) -> str:
-    """nginx.conf text: listen on ``listen`` (host:port) and proxy everything to ``upstream``."""
+def render_config(prefix: Path, listen: str, upstream: str, *, as_root: bool, http2: bool = False) -> str:
+    """nginx.conf text: listen on ``listen`` (host:port) and proxy everything to ``upstream``.
+
+    With ``http2`` the listener speaks h2c with prior knowledge only (``listen ... http2`` on
+    cleartext, nginx 1.22), for the HTTP/2 bench (bench/h2.py); upstream stays HTTP/1.1."""
     return _TEMPLATE.format(
         user="user root;\n" if as_root else "",
         prefix=prefix,
         listen=listen,
+        http2=" http2" if http2 else "",
         upstream=upstream,
         keepalive_requests=KEEPALIVE_REQUESTS,
     )
 
 
-def write_config(prefix: Path, listen: str, upstream: str) -> Path:
+def write_config(prefix: Path, listen: str, upstream: str, *, http2: bool = False) -> Path:
     """Write ``prefix/nginx.conf`` for the current user and return its path."""
     conf = prefix / "nginx.conf"
-    conf.write_text(render_config(prefix, listen, upstream, as_root=os.geteuid() == 0))
+    conf.write_text(render_config(prefix, listen, upstream, as_root=os.geteuid() == 0, http2=http2))
     return conf
 
 
