@@ -8,6 +8,8 @@ from h2.connection import H2Connection
 from h2.events import DataReceived, ResponseReceived, StreamEnded
 from h2.exceptions import FlowControlError, FrameTooLargeError, ProtocolError, StreamClosedError
 from h2.stream import StreamState
+from hpack import Encoder
+from hyperframe.frame import HeadersFrame
 
 from proxy.server.h2_state import LeanH2State
 
@@ -96,8 +98,26 @@ def test_errors_are_h2s() -> None:
             server.send_headers(1, [(b":status", b"200")], end_stream=True)
 
 
-def test_closed_streams_are_dropped_when_streams_are_counted() -> None:
-    for _, server in _both():
-        server.send_headers(1, [(b":status", b"200")], end_stream=True)
-        assert server.open_inbound_streams == 0
-        assert 1 not in server.streams
+def test_closed_streams_are_dropped_by_the_time_the_stream_limit_is_reached() -> None:
+    client, server = _pair(LeanH2State)
+    limit = server.local_settings.max_concurrent_streams
+    server.send_headers(1, [(b":status", b"200")], end_stream=True)
+    for sid in range(3, 2 * (2 * limit) + 3, 2):  # twice the limit, one after the other
+        client.send_headers(sid, REQUEST, end_stream=True)
+        server.receive_data(client.data_to_send())
+        server.send_headers(sid, [(b":status", b"200")], end_stream=True)
+        client.receive_data(server.data_to_send())
+        assert len(server.streams) <= limit
+    assert server.open_inbound_streams <= limit
+
+
+def test_the_stream_limit_still_holds() -> None:
+    _, server = _pair(LeanH2State)
+    limit = server.local_settings.max_concurrent_streams
+    encoder = Encoder()  # the h2 client would not break the limit: raw frames
+    frames = b"".join(
+        HeadersFrame(sid, data=encoder.encode(REQUEST), flags=["END_HEADERS"]).serialize()
+        for sid in range(3, 2 * limit + 3, 2)  # stream 1 is half-closed: these make limit + 1 open
+    )
+    with pytest.raises(ProtocolError, match="Max inbound streams"):
+        server.receive_data(frames)
