@@ -72,6 +72,8 @@ class Settings:
 
 @dataclass(slots=True)
 class Counters:
+    """What :meth:`FaultProxy.stats` returns, field by field (see the module docstring)."""
+
     connections: int = 0
     open: int = 0
     requests: int = 0
@@ -239,6 +241,8 @@ class FaultProxy:
         if self._server is not None:
             self._server.close()
             self._server = None
+        for _ in range(3):  # handlers of connections accepted just now start (and can be cancelled)
+            await asyncio.sleep(0)
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
