@@ -156,8 +156,9 @@ def test_refuse_closes_the_port_and_pass_listens_again_on_it(fp: FaultProxy, moc
 
 
 def test_blackhole_reads_and_never_answers(fp: FaultProxy, mock: MockProcess) -> None:
-    with RawClient(fp.port, timeout=0.3) as open_client:
+    with RawClient(fp.port) as open_client:
         assert open_client.request()[0] == 200
+        open_client.connect().settimeout(0.3)
         fp.set(mode="blackhole")
         with pytest.raises(TimeoutError):
             get_status(fp.port, timeout=0.3)
