@@ -57,7 +57,9 @@ H2_CLIENT_PREFACE = H2_PREFACE + b"\r\n\r\nSM\r\n\r\n"  # HTTP/2 with prior know
 
 _Item = tuple[Request, bool, bool]  # (request, keep_alive, http11)
 # Request headers the front itself looks at, found in one pass over the head.
-_WATCHED: frozenset[bytes] = frozenset({b"transfer-encoding", b"content-length", b"expect", b"x-request-id"})
+_WATCHED: frozenset[bytes] = frozenset(
+    {b"transfer-encoding", b"content-length", b"expect", b"x-request-id", b"upgrade"}
+)
 
 
 class _Closed(Exception):
@@ -79,7 +81,8 @@ class H1Connection(asyncio.Protocol):
         self._stop_parsing = False
         self._close_after = False  # graceful shutdown asked us to close when idle
         self._task: asyncio.Task[None] | None = None  # _serve, from the first request on
-        self._job: tuple[Request, bool] | None = None  # (request, http11) for _serve to answer
+        self._job: Request | None = None  # the request for _serve to answer next
+        self._job_http11 = True  # whether its client speaks HTTP/1.1
         self._wake: asyncio.Future[None] | None = None  # _serve waits on it for the next job
         self._producer: PipeableBody | None = None  # the body being piped to us
         self._chunked = False  # current streamed response uses chunked framing
@@ -94,16 +97,21 @@ class H1Connection(asyncio.Protocol):
         self._timer_at = INF  # when _timer fires
         self._upgrade_head: bytes | None = None  # an Upgrade request's head, to parse its body again
         self._sniff: bytes | None = b""  # the first bytes, while they may be the HTTP/2 preface
-        self._new_message()
+        self._max_header_bytes = self.limits.max_header_bytes
+        self._max_body_bytes = self.limits.max_body_bytes
+        self._keepalive_s = self.limits.keepalive_timeout_s
+        self.on_message_begin()
+        self._phase = IDLE
 
-    def _new_message(self) -> None:
-        self._url = b""
-        self._headers = Headers()
-        self._request_id: bytes | None = None  # the client's x-request-id
-        self._header_bytes = 0
-        self._head_reads = 0  # bytes of the reads that continued an unfinished head
-        self._body: list[bytes] = []
-        self._body_bytes = 0
+    # The message being parsed, reset by on_message_begin.
+    _url: bytes
+    _headers: Headers
+    _request_id: bytes | None  # the client's x-request-id
+    _upgrade: bool  # an Upgrade header came
+    _header_room: int  # bytes the request line and headers may still take
+    _head_reads: int  # bytes of the reads that continued an unfinished head
+    _body: list[bytes]
+    _body_room: int  # bytes the body may still take
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -132,7 +140,7 @@ class H1Connection(asyncio.Protocol):
             # httptools holds a header line until it ends (on_header sees nothing before): bound an
             # unfinished head here, by the bytes that keep coming for it.
             self._head_reads += len(data)
-            if self._head_reads > self.limits.max_header_bytes:
+            if self._head_reads > self._max_header_bytes:
                 self._reject(self._headers_too_large())
                 return
         try:
@@ -192,7 +200,7 @@ class H1Connection(asyncio.Protocol):
         job = self._job
         if job is not None:
             self._job = None
-            job[0].ctx.disconnected = True
+            job.ctx.disconnected = True
         for item in self._queue:
             if isinstance(item, tuple):
                 item[0].ctx.disconnected = True
@@ -215,18 +223,26 @@ class H1Connection(asyncio.Protocol):
     # -- httptools callbacks ---------------------------------------------------------------------
     def on_message_begin(self) -> None:
         self._phase = HEADERS
-        self._new_message()
+        self._url = b""
+        self._headers = Headers()
+        self._request_id = None
+        self._upgrade = False
+        self._header_room = self._max_header_bytes
+        self._head_reads = 0
+        self._body = []
+        self._body_room = self._max_body_bytes
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._header_bytes += len(url)
-        if self._header_bytes > self.limits.max_header_bytes:
+        self._header_room -= len(url)
+        if self._header_room < 0:
             raise HeadersTooLarge("request line and headers are too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_bytes += len(name) + len(value) + 4
-        if self._header_bytes > self.limits.max_header_bytes:
+        room = self._header_room - len(name) - len(value) - 4
+        if room < 0:
             raise self._headers_too_large()
+        self._header_room = room
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
@@ -236,7 +252,7 @@ class H1Connection(asyncio.Protocol):
             if name not in _WATCHED:
                 continue
             if name == b"content-length":
-                if int(value) > self.limits.max_body_bytes:
+                if int(value) > self._max_body_bytes:
                     raise self._too_large()
             elif name == b"x-request-id":
                 if self._request_id is None:
@@ -244,6 +260,8 @@ class H1Connection(asyncio.Protocol):
             elif name == b"transfer-encoding":
                 if value.strip().lower() != b"chunked":
                     raise MalformedHttp("only 'Transfer-Encoding: chunked' is supported in requests")
+            elif name == b"upgrade":
+                self._upgrade = True
             elif value.lower() != b"100-continue":  # expect
                 raise MalformedHttp("unsupported Expect header")
             else:
@@ -252,15 +270,16 @@ class H1Connection(asyncio.Protocol):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, chunk: bytes) -> None:
-        self._body_bytes += len(chunk)
-        if self._body_bytes > self.limits.max_body_bytes:
+        room = self._body_room - len(chunk)
+        if room < 0:
             raise self._too_large()
+        self._body_room = room
         self._body.append(chunk)
 
     def on_message_complete(self) -> None:
         parser = self.parser
         headers = self._headers
-        if parser.should_upgrade() and headers.get(b"upgrade") is not None and self._declares_body():
+        if self._upgrade and parser.should_upgrade() and self._declares_body():
             self._upgrade_head = self._head_without_upgrade()  # data_received parses it again
             return
         body = self._body
@@ -271,26 +290,26 @@ class H1Connection(asyncio.Protocol):
         elif len(rid) > 200:
             rid = self.front.next_request_id()
             headers.set(b"x-request-id", rid)
-        ctx = RequestContext(rid, self.peer, self.loop.time())
         request = Request(
             parser.get_method().decode(),
             self._url,
             headers,
             body[0] if len(body) == 1 else b"".join(body),
-            ctx,
+            RequestContext(rid, self.peer, self.loop.time()),
         )
-        item = (request, parser.should_keep_alive(), parser.get_http_version() == "1.1")
+        keep_alive = parser.should_keep_alive()
+        http11 = parser.get_http_version() == "1.1"
         self._phase = BUSY
         self._deadline = INF
         self._deadline_phase = BUSY
         if self._busy:
-            self._queue.append(item)
+            self._queue.append((request, keep_alive, http11))
             if len(self._queue) >= self.limits.max_pipelined and not self._reading_paused:
                 self._reading_paused = True
                 if self.transport is not None:
                     self.transport.pause_reading()
         else:
-            self._dispatch(item)
+            self._answer(request, keep_alive, http11)
 
     def _declares_body(self) -> bool:
         headers = self._headers
@@ -316,19 +335,24 @@ class H1Connection(asyncio.Protocol):
 
     # -- answering -------------------------------------------------------------------------------
     def _dispatch(self, item: _Item | ProxyError) -> None:
-        self._busy = True
         if isinstance(item, ProxyError):
+            self._busy = True
             self._keep_alive = False
             self._write_whole(error_response(item), None, http11=True)
-            return
-        request, keep_alive, http11 = item
+        else:
+            self._answer(*item)
+
+    def _answer(self, request: Request, keep_alive: bool, http11: bool) -> None:
+        self._busy = True
         self._keep_alive = keep_alive and not self._close_after
-        local = self.front.local.get(request.raw_target)
-        if local is not None and request.method == "GET":
-            resp = Response(200, Headers([(b"content-type", b"application/json")]), local)
-            self._write_whole(resp, request, http11)
-            return
-        self._job = (request, http11)
+        if request.method == "GET":
+            local = self.front.local.get(request.raw_target)
+            if local is not None:
+                resp = Response(200, Headers([(b"content-type", b"application/json")]), local)
+                self._write_whole(resp, request, http11)
+                return
+        self._job = request
+        self._job_http11 = http11
         wake = self._wake
         if wake is not None:
             self._wake = None
@@ -343,8 +367,8 @@ class H1Connection(asyncio.Protocol):
         Ends with the connection (connection_lost cancels it)."""
         loop = self.loop
         while not self.closed:
-            job = self._job
-            if job is None:
+            request = self._job
+            if request is None:
                 self._wake = wake = loop.create_future()
                 try:
                     await wake
@@ -352,7 +376,7 @@ class H1Connection(asyncio.Protocol):
                     return
                 continue
             self._job = None
-            request, http11 = job
+            http11 = self._job_http11
             try:
                 response = await self.front.handler(request)
             except ProxyError as e:
@@ -380,14 +404,14 @@ class H1Connection(asyncio.Protocol):
                 await self._write_iter(body)
 
     def _write_whole(self, response: Response, request: Request | None, http11: bool) -> None:
-        body = response.body
-        assert isinstance(body, bytes)
+        body = cast(bytes, response.body)
         head = self._head(response, request, b"content-length: %d" % len(body), http11)
-        if self.transport is not None:
+        transport = self.transport
+        if transport is not None:
             if request is not None and request.method == "HEAD":
-                self.transport.write(head)
+                transport.write(head)
             else:
-                self.transport.write(head + body)
+                transport.write(head + body)
         self._response_done()
 
     def _write_head(self, response: Response, request: Request, length: int | None, http11: bool) -> None:
@@ -491,9 +515,12 @@ class H1Connection(asyncio.Protocol):
         if self._close_after:
             self._close()
             return
-        if self._phase == BUSY:
+        if self._phase == BUSY:  # the keep-alive timeout from now (_set_deadline, inlined)
             self._phase = IDLE
-            self._set_deadline(self.limits.keepalive_timeout_s, IDLE)
+            self._deadline = deadline = self.loop.time() + self._keepalive_s
+            self._deadline_phase = IDLE
+            if self._timer_at > deadline:
+                self._set_deadline(self._keepalive_s, IDLE)
 
     def _reject(self, err: ProxyError) -> None:
         """Malformed or over-limit input: answer (after what is in flight) and close."""
