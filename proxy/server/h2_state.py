@@ -12,6 +12,8 @@ windows and errors, and writes the common frames' bytes itself:
 - ``send_data`` without padding and ``end_stream``: the same checks and window bookkeeping as h2, a
   9-byte frame header and the payload;
 - ``_receive_frame``: h2's, without the ``repr(frame)``;
+- ``_receive_headers_frame`` of a request opening a stream: h2's steps (stream limit, HPACK, state
+  machines, content-length) without its validation scaffolding, which is off anyway;
 - ``_open_streams`` (called for every new stream to enforce SETTINGS_MAX_CONCURRENT_STREAMS, and to
   drop closed streams): below the limit the number of streams h2 holds is the answer (an upper
   bound, enough to admit one more), so the loop over them runs only at the limit: with 100 streams
@@ -27,14 +29,14 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
-from h2.connection import ConnectionInputs, H2Connection
+from h2.connection import AllowedStreamIDs, ConnectionInputs, H2Connection, _decode_headers
 from h2.errors import ErrorCodes
-from h2.events import Event
-from h2.exceptions import ProtocolError, StreamClosedError, StreamIDTooLowError
+from h2.events import Event, RequestReceived, StreamEnded
+from h2.exceptions import ProtocolError, StreamClosedError, StreamIDTooLowError, TooManyStreamsError
 from h2.stream import STREAM_OPEN, StreamInputs, StreamState
-from hyperframe.frame import Frame, RstStreamFrame
+from hyperframe.frame import Frame, HeadersFrame, RstStreamFrame
 
 _FRAME_HEADER = struct.Struct(">HBBBL")  # 24-bit length as 16 + 8 bits, type, flags, stream id
 _DATA, _HEADERS, _CONTINUATION = 0x0, 0x1, 0x9
@@ -158,6 +160,32 @@ class LeanH2State(H2Connection):
         else:
             self._prepare_for_sending(frames)
         return events
+
+    def _receive_headers_frame(self, frame: HeadersFrame) -> tuple[list[Frame], list[Event]]:
+        # A request opening a new stream, without PRIORITY: h2's steps less the header validation
+        # scaffolding (proxy/server/h2_request.py checks the fields) and the Flags lookups.
+        # Trailers, PRIORITY and anything else take h2's way.
+        sid = frame.stream_id
+        flags = frame.flags
+        if sid in self.streams or "PRIORITY" in flags:
+            return super()._receive_headers_frame(frame)
+        limit = self.local_settings.max_concurrent_streams
+        held = self.open_inbound_streams
+        if held + 1 > limit:
+            raise TooManyStreamsError(f"Max inbound streams is {limit}, {held} open")
+        headers = _decode_headers(self.decoder, frame.data)
+        events = self.state_machine.process_input(ConnectionInputs.RECV_HEADERS)
+        stream = self._begin_new_stream(sid, AllowedStreamIDs.ODD)
+        machine = stream.state_machine
+        stream_events = machine.process_input(StreamInputs.RECV_HEADERS)
+        request = cast(RequestReceived, stream_events[0])
+        if "END_STREAM" in flags:
+            ended = machine.process_input(StreamInputs.RECV_END_STREAM)
+            request.stream_ended = cast(StreamEnded, ended[0])
+            stream_events += ended
+        stream._initialize_content_length(headers)
+        request.headers = list(headers)
+        return [], events + stream_events
 
     def _open_streams(self, remainder: int) -> int:
         streams = self.streams

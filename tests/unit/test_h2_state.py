@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
-from h2.events import DataReceived, ResponseReceived, StreamEnded
+from h2.events import DataReceived, RequestReceived, ResponseReceived, StreamEnded
 from h2.exceptions import FlowControlError, FrameTooLargeError, ProtocolError, StreamClosedError
 from h2.stream import StreamState
 from hpack import Encoder
@@ -121,3 +121,30 @@ def test_the_stream_limit_still_holds() -> None:
     )
     with pytest.raises(ProtocolError, match="Max inbound streams"):
         server.receive_data(frames)
+
+
+@pytest.mark.parametrize("end", [True, False])
+def test_a_request_gives_h2s_events(end: bool) -> None:
+    seen = []
+    for server_class in (H2Connection, LeanH2State):
+        client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        server = server_class(H2Configuration(client_side=False, header_encoding=None))
+        client.initiate_connection()
+        server.initiate_connection()
+        client.send_headers(1, [*REQUEST, (b"content-length", b"0" if end else b"2")], end_stream=end)
+        events = server.receive_data(client.data_to_send())
+        request = next(e for e in events if isinstance(e, RequestReceived))
+        seen.append(([type(e).__name__ for e in events], request.headers, request.stream_ended is not None))
+    assert seen[0] == seen[1]
+
+
+def test_a_body_longer_than_its_content_length_is_refused() -> None:
+    for server_class in (H2Connection, LeanH2State):
+        client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        server = server_class(H2Configuration(client_side=False, header_encoding=None))
+        client.initiate_connection()
+        server.initiate_connection()
+        client.send_headers(1, [*REQUEST, (b"content-length", b"2")])
+        client.send_data(1, b"abc", end_stream=True)
+        with pytest.raises(ProtocolError):
+            server.receive_data(client.data_to_send())
