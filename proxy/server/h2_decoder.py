@@ -103,6 +103,7 @@ class FastDecoder:
         inflated = 0
         limit = self.max_header_list_size
         string = self._string
+        dynamic = self._dynamic
         while pos < end:
             first = data[pos]
             pos += 1
@@ -110,7 +111,12 @@ class FastDecoder:
                 index = first & 0x7F
                 if index == 0x7F:
                     index, pos = _integer(data, pos, index)
-                header = _STATIC[index - 1] if 0 < index <= _STATIC_LEN else self._entry(index)
+                if 0 < index <= _STATIC_LEN:
+                    header = _STATIC[index - 1]
+                elif _STATIC_LEN < index <= _STATIC_LEN + len(dynamic):
+                    header = dynamic[index - _STATIC_LEN - 1]
+                else:
+                    header = self._entry(index)  # raises
             elif first & 0x40:  # literal with incremental indexing (§6.2.1)
                 index = first & 0x3F
                 if index == 0x3F:
