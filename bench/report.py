@@ -16,6 +16,7 @@ from pathlib import Path
 
 from bench import nginx
 from bench.common import TARGETS, Settings, say
+from bench.cpu_rounds import rounds_for
 from bench.procs import Tools
 from bench.wrk import (
     AFTER_64,
@@ -52,6 +53,17 @@ class TargetResult:
     ttfb_ms: list[float] = field(default_factory=list)
     rss_at_64_mib: float | None = None
     rss_peak_mib: float | None = None
+    # CPU µs per request of the interleaved rounds (bench.cpu_rounds): scenario key → one per round
+    cpu_rounds: dict[str, list[float]] = field(default_factory=dict)
+
+    def cpu_us(self, scenario: Scenario) -> float | None:
+        """The proxy's CPU per request in ``scenario``: the median of its rounds when it ran in
+        rounds (the non-streaming scenarios), else its one wrk run's."""
+        rounds = self.cpu_rounds.get(scenario.key)
+        if rounds:
+            return statistics.median(rounds)
+        run = self.runs.get(scenario.key)
+        return None if run is None else run.cpu_us
 
 
 # ---- the report ----------------------------------------------------------------------------------
@@ -102,7 +114,7 @@ def ratio_at_most(limit: float) -> Check:
 
 def flatness(result: TargetResult) -> float | None:
     """Largest deviation of CPU µs/request at 8, 64 and 256 connections from their mean, in %."""
-    values = [result.runs[s.key].cpu_us for s in (NS8, NS64, NS256)]
+    values = [result.cpu_us(s) for s in (NS8, NS64, NS256)]
     known = [v for v in values if v is not None]
     if len(known) < len(values):
         return None
@@ -126,7 +138,7 @@ def summary_rows(results: Sequence[TargetResult]) -> list[Row]:
         return per(lambda r: r.runs[s.key].wrk.latency_ms[p])
 
     def cpu(s: Scenario) -> Values:
-        return per(lambda r: r.runs[s.key].cpu_us)
+        return per(lambda r: r.cpu_us(s))
 
     def errors(*scenarios: Scenario) -> Values:
         return per(lambda r: float(sum(r.runs[s.key].wrk.total_errors for s in scenarios)))
@@ -217,6 +229,30 @@ def runs_table(results: Sequence[TargetResult]) -> str:
     return markdown_table(header, rows, right=2)
 
 
+def cpu_rounds_text(settings: Settings) -> str:
+    rounds, seconds = rounds_for(settings.duration_s)
+    return f"{rounds} rounds of {seconds} s wrk runs"
+
+
+def cpu_rounds_table(results: Sequence[TargetResult]) -> str:
+    """Every round of the interleaved CPU runs, nginx vs the sidecar, then the medians."""
+    by_name = {r.name: r for r in results}
+    nginx_result, sidecar_result = by_name.get("nginx"), by_name.get("sidecar")
+    if nginx_result is None or sidecar_result is None or not sidecar_result.cpu_rounds:
+        return "(not measured)"
+    rows = []
+    for scenario in (NS64, NS8, NS256):
+        a, b = nginx_result.cpu_rounds.get(scenario.key, []), sidecar_result.cpu_rounds.get(scenario.key, [])
+        title = f"{scenario.title}, {scenario.connections} conns"
+        for i, (x, y) in enumerate(zip(a, b, strict=False)):
+            rows.append((title, str(i + 1), fmt(x, 1), fmt(y, 1), f"{y / x:.2f}"))
+        x_med, y_med = nginx_result.cpu_us(scenario), sidecar_result.cpu_us(scenario)
+        ratio = f"{y_med / x_med:.2f}" if x_med and y_med is not None else "—"
+        rows.append((title, "median", fmt(x_med, 1), fmt(y_med, 1), ratio))
+    header = ("run", "round", "nginx CPU µs/req", "sidecar CPU µs/req", "sidecar/nginx")
+    return markdown_table(header, rows, right=2)
+
+
 def error_breakdown(result: WrkResult) -> str:
     parts = [f"{k} {v}" for k, v in result.errors.items() if v]
     return f"{result.total_errors} ({', '.join(parts)})" if parts else "0"
@@ -280,6 +316,10 @@ Method:
   the proxy on CPU {settings.proxy_cpu}.
 - Runs: per server a {settings.warmup_s} s warm-up, then {settings.duration_s} s per wrk run. Latencies in ms.
 - Proxy CPU = utime+stime from /proc (nginx: master + worker) over a run / requests wrk completed.
+  The non-streaming CPU rows (8, 64, 256 conns; the 1.5× bar and flatness) are medians over
+  {cpu_rounds_text(settings)}, nginx and the sidecar taking turns (nginx first, then the sidecar
+  first, …) after each server's own runs, so that drift on the machine hits both alike; every round is listed
+  under "CPU rounds". The other CPU rows come from the one run of each server.
 - Peak RSS = VmHWM (nginx: master + worker).
 - Streams: 20 chunks back to back (`x-mock-chunks: 20`, the bar) and 20 chunks 1 ms apart
   (`x-mock-delay-ms: 1`, as tokens come from a model): back-to-back events coalesce into fewer reads
@@ -297,7 +337,11 @@ Method:
 
 {remarks}
 
-{extra}## Every wrk run
+{extra}## CPU rounds
+
+{cpu_rounds_table(results)}
+
+## Every wrk run
 
 {runs_table(results)}
 

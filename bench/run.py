@@ -14,7 +14,8 @@ Exit status: 0 when the run completed, whatever the bars say (it is a report); 1
 missing or a server does not start or dies; 130 on Ctrl-C. Every child process is stopped on the way out.
 
 The parts: ``bench.procs`` (tools, child processes, /proc), ``bench.servers`` (the three servers),
-``bench.wrk`` (the runs and wrk), ``bench.ttfb`` (the stream client), ``bench.report`` (the table,
+``bench.wrk`` (the runs and wrk), ``bench.cpu_rounds`` (nginx and the sidecar taking turns for the
+non-streaming CPU rows), ``bench.ttfb`` (the stream client), ``bench.report`` (the table,
 the markdown page, the plot) and ``bench.nginx`` (nginx's config); this module is the command line
 and the order of one run.
 """
@@ -38,6 +39,7 @@ import uvloop
 
 from bench import h2, resilience
 from bench.common import REPO_ROOT, BenchError, Settings, say
+from bench.cpu_rounds import measure_cpu_rounds
 from bench.procs import (
     Children,
     CpuSnapshot,
@@ -87,9 +89,11 @@ def parse_args(argv: Sequence[str]) -> Settings:
 # ---- measuring -----------------------------------------------------------------------------------
 
 
-def measured_run(target: Target, scenario: Scenario, tools: Tools, settings: Settings, workdir: Path) -> Run:
+def measured_run(
+    target: Target, scenario: Scenario, tools: Tools, settings: Settings, workdir: Path, seconds: int = 0
+) -> Run:
     before = cpu_seconds(target.proxy_pids)
-    result = run_wrk(tools.wrk, target, scenario, settings.duration_s, workdir, settings.load_cpu)
+    result = run_wrk(tools.wrk, target, scenario, seconds or settings.duration_s, workdir, settings.load_cpu)
     used = cpu_seconds(target.proxy_pids) - before
     if target.proc.poll() is not None:
         raise BenchError(f"{target.name} exited with {target.proc.returncode} during the {scenario.key} run")
@@ -132,6 +136,14 @@ def measure_all(settings: Settings, tools: Tools, sections: list[str]) -> list[T
             check_target(target)
         os.sched_setaffinity(0, {settings.load_cpu})  # the stream client is load generator too
         results = [measure_with_wrk(target, tools, settings, workdir) for target in targets]
+        say("proxy CPU per non-streaming request: nginx and the sidecar taking turns (bench.cpu_rounds)")
+        rounds = measure_cpu_rounds(
+            targets[1:],
+            lambda t, s, seconds: measured_run(t, s, tools, settings, workdir, seconds).cpu_us,
+            settings.duration_s,
+        )
+        for result in results:
+            result.cpu_rounds = rounds.values.get(result.name, {})
         say(f"stream time to first byte: {settings.ttfb_requests} per server, taking turns")
         ports = [target.port for target in targets]
         times: list[list[float]] = uvloop.run(first_byte_times(ports, settings.ttfb_requests))
