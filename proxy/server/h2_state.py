@@ -11,6 +11,8 @@ windows and errors, and writes the common frames' bytes itself:
   it exceeds the peer's frame size). Anything else (1xx, priority, an unknown stream) takes h2's way;
 - ``send_data`` without padding and ``end_stream``: the same checks and window bookkeeping as h2, a
   9-byte frame header and the payload;
+- the frame buffer (:class:`LeanFrameBuffer`): DATA and HEADERS frames without padding, priority or
+  CONTINUATION parsed in a few lines, every other frame by h2;
 - ``_receive_frame``: h2's, without the ``repr(frame)``;
 - ``_receive_headers_frame`` of a request opening a stream: h2's steps (stream limit, HPACK, state
   machines, content-length) without its validation scaffolding, which is off anyway;
@@ -31,16 +33,18 @@ import struct
 from collections.abc import Iterable
 from typing import Any, cast
 
+from h2.config import H2Configuration
 from h2.connection import AllowedStreamIDs, ConnectionInputs, H2Connection, _decode_headers
 from h2.errors import ErrorCodes
 from h2.events import Event, RequestReceived, StreamEnded
 from h2.exceptions import ProtocolError, StreamClosedError, StreamIDTooLowError, TooManyStreamsError
+from h2.frame_buffer import FrameBuffer
 from h2.stream import STREAM_OPEN, StreamInputs, StreamState
-from hyperframe.frame import Frame, HeadersFrame, RstStreamFrame
+from hyperframe.frame import DataFrame, Frame, HeadersFrame, RstStreamFrame
 
 _FRAME_HEADER = struct.Struct(">HBBBL")  # 24-bit length as 16 + 8 bits, type, flags, stream id
 _DATA, _HEADERS, _CONTINUATION = 0x0, 0x1, 0x9
-_END_STREAM, _END_HEADERS = 0x1, 0x4
+_END_STREAM, _END_HEADERS, _PADDED, _PRIORITY = 0x1, 0x4, 0x8, 0x20
 _CLOSED = StreamState.CLOSED
 
 
@@ -48,8 +52,48 @@ def _frame_header(length: int, kind: int, flags: int, stream_id: int) -> bytes:
     return _FRAME_HEADER.pack(length >> 8, length & 0xFF, kind, flags, stream_id)
 
 
+class LeanFrameBuffer(FrameBuffer):
+    """h2's frame buffer, with DATA and HEADERS frames (no padding, priority or CONTINUATION: what
+    clients send) parsed here: no memoryview copies, no flag loop, no padding and priority parsers.
+    Every other frame, and any frame while a header block is open, is h2's."""
+
+    def __next__(self) -> Frame:
+        data = self._data
+        if len(data) < 9 or self._headers_buffer:
+            return super().__next__()
+        kind = data[3]
+        flags = data[4]
+        if kind == _DATA:
+            plain = not flags & _PADDED
+        else:
+            plain = kind == _HEADERS and flags & (_PADDED | _PRIORITY | _END_HEADERS) == _END_HEADERS
+        if not plain:
+            return super().__next__()
+        length = data[0] << 16 | data[1] << 8 | data[2]
+        sid = int.from_bytes(data[5:9], "big") & 0x7FFFFFFF
+        if not sid:
+            return super().__next__()  # h2 raises what it must
+        end = 9 + length
+        if len(data) < end:
+            raise StopIteration
+        self._validate_frame_length(length)
+        frame: DataFrame | HeadersFrame = DataFrame(sid) if kind == _DATA else HeadersFrame(sid)
+        if kind == _HEADERS:
+            frame.flags.add("END_HEADERS")
+        if flags & _END_STREAM:
+            frame.flags.add("END_STREAM")
+        frame.data = bytes(data[9:end])
+        frame.body_len = length
+        del data[:end]
+        return frame
+
+
 class LeanH2State(H2Connection):
     """``h2.connection.H2Connection`` (server side) with the fast paths above."""
+
+    def __init__(self, config: H2Configuration) -> None:
+        super().__init__(config=config)
+        self.incoming_buffer = LeanFrameBuffer(server=True)
 
     @property
     def outbound_bytes(self) -> int:

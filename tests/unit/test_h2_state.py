@@ -148,3 +148,65 @@ def test_a_body_longer_than_its_content_length_is_refused() -> None:
         client.send_data(1, b"abc", end_stream=True)
         with pytest.raises(ProtocolError):
             server.receive_data(client.data_to_send())
+
+
+def _frames() -> bytes:
+    from hyperframe.frame import ContinuationFrame, DataFrame, PingFrame, SettingsFrame, WindowUpdateFrame
+
+    out = [
+        SettingsFrame(0, settings={4: 65535}),
+        HeadersFrame(1, data=b"h" * 30, flags=["END_HEADERS"]),
+        DataFrame(1, data=b"d" * 100),
+        DataFrame(1, data=b"p" * 10, flags=["PADDED", "END_STREAM"], pad_length=5),
+        HeadersFrame(3, data=b"x" * 10, flags=["END_HEADERS", "END_STREAM", "PRIORITY"], depends_on=1),
+        HeadersFrame(5, data=b"a" * 10),
+        ContinuationFrame(5, data=b"b" * 10, flags=["END_HEADERS"]),
+        PingFrame(0, opaque_data=b"12345678"),
+        HeadersFrame(7, data=b"y" * 10, flags=["END_HEADERS", "END_STREAM"]),
+        DataFrame(9, data=b"", flags=["END_STREAM"]),
+        WindowUpdateFrame(0, window_increment=10),
+    ]
+    return b"".join(f.serialize() for f in out)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 9, 64, 100_000])
+def test_the_lean_frame_buffer_yields_h2s_frames(chunk: int) -> None:
+    from h2.frame_buffer import FrameBuffer
+
+    from proxy.server.h2_state import LeanFrameBuffer
+
+    data = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frames()
+    seen = []
+    for buffer in (FrameBuffer(server=True), LeanFrameBuffer(server=True)):
+        buffer.max_frame_size = 16384
+        frames = []
+        for i in range(0, len(data), chunk):
+            buffer.add_data(data[i : i + chunk])
+            frames += [
+                (type(f).__name__, f.stream_id, sorted(f.flags), getattr(f, "data", None),
+                 getattr(f, "flow_controlled_length", None))
+                for f in buffer
+            ]  # fmt: skip
+        seen.append(frames)
+    assert seen[0] == seen[1]
+    assert len(seen[1]) == 10  # the CONTINUATION joined to its HEADERS
+
+
+@pytest.mark.parametrize(
+    ("raw", "error"),
+    [
+        (b"\x00\x40\x01\x00\x00\x00\x00\x00\x01" + b"x" * 16385, "FrameTooLargeError"),  # over max frame size
+        (b"\x00\x00\x01\x00\x01\x00\x00\x00\x00x", "ProtocolError"),  # DATA on stream 0
+    ],
+)
+def test_the_lean_frame_buffer_refuses_what_h2_refuses(raw: bytes, error: str) -> None:
+    from h2.frame_buffer import FrameBuffer
+
+    from proxy.server.h2_state import LeanFrameBuffer
+
+    for buffer in (FrameBuffer(), LeanFrameBuffer()):
+        buffer.max_frame_size = 16384
+        buffer.add_data(raw)
+        with pytest.raises(ProtocolError) as caught:
+            list(buffer)
+        assert error in [c.__name__ for c in type(caught.value).__mro__]
