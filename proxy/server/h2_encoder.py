@@ -52,37 +52,58 @@ _LENGTH = [bytes([n]) for n in range(127)]
 
 
 class StaticEncoder:
-    """Drop-in for ``hpack.Encoder`` as h2 uses it, for one connection."""
+    """Drop-in for ``hpack.Encoder`` as h2 uses it, for one connection.
 
-    __slots__ = ("_first", "header_table_size")
+    The encoded form of a field is a pure function of it, so fields that repeat on a connection
+    (content-type, server, the date within its second) are kept, encoded, in a small cache:
+    ``CACHE_ENTRIES`` at most, values up to ``CACHE_VALUE_BYTES``, emptied when full; the request id
+    (new every response) is never kept."""
+
+    __slots__ = ("_cache", "_first", "header_table_size")
 
     def __init__(self) -> None:
         self.header_table_size = 4096  # set by h2 from the peer's SETTINGS; nothing depends on it
         self._first = True
+        self._cache: dict[tuple[bytes, bytes], bytes] = {}
 
     def encode(self, headers: Iterable[tuple[bytes, bytes]], huffman: bool = True) -> bytes:
         parts: list[bytes] = []
         if self._first:
             self._first = False
             parts.append(_TABLE_SIZE_ZERO)
-        names, fields, lengths = _NAMES, _FIELDS, _LENGTH
-        for name, value in headers:
-            whole = fields.get((name, value))
-            if whole is not None:
-                parts.append(whole)
-                continue
-            head = names.get(name)
-            if head is None:
-                name = name.lower()
-                head = names.get(name)
-            if head is None:
-                size = len(name)
-                parts.append(b"\x00")
-                parts.append(lengths[size] if size < 127 else _integer(size, 7, 0x00))
-                parts.append(name)
-            else:
-                parts.append(head)
-            size = len(value)
-            parts.append(lengths[size] if size < 127 else _integer(size, 7, 0x00))
-            parts.append(value)
+        cache = self._cache
+        for field in headers:
+            known = cache.get(field)
+            if known is None:
+                known = _field(*field)
+                name, value = field
+                if len(value) <= CACHE_VALUE_BYTES and name != b"x-request-id":
+                    if len(cache) >= CACHE_ENTRIES:
+                        cache.clear()
+                    cache[(name, value)] = known
+            parts.append(known)
         return b"".join(parts)
+
+
+CACHE_ENTRIES = 64
+CACHE_VALUE_BYTES = 128
+
+
+def _field(name: bytes, value: bytes) -> bytes:
+    """One field: indexed when the static table holds it whole, else a literal without indexing
+    (name by index when the static table knows it), never Huffman-coded."""
+    whole = _FIELDS.get((name, value))
+    if whole is not None:
+        return whole
+    head = _NAMES.get(name)
+    if head is None:
+        name = name.lower()
+        head = _NAMES.get(name)
+    size = len(value)
+    length = _LENGTH[size] if size < 127 else _integer(size, 7, 0x00)
+    if head is None:
+        size = len(name)
+        return b"".join(
+            (b"\x00", _LENGTH[size] if size < 127 else _integer(size, 7, 0x00), name, length, value)
+        )
+    return b"".join((head, length, value))

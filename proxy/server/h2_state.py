@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from typing import Any, cast
 
 from h2.config import H2Configuration
-from h2.connection import AllowedStreamIDs, ConnectionInputs, H2Connection, _decode_headers
+from h2.connection import AllowedStreamIDs, ConnectionInputs, ConnectionState, H2Connection, _decode_headers
 from h2.errors import ErrorCodes
 from h2.events import Event, RequestReceived, StreamEnded
 from h2.exceptions import ProtocolError, StreamClosedError, StreamIDTooLowError, TooManyStreamsError
@@ -46,6 +46,7 @@ _FRAME_HEADER = struct.Struct(">HBBBL")  # 24-bit length as 16 + 8 bits, type, f
 _DATA, _HEADERS, _CONTINUATION = 0x0, 0x1, 0x9
 _END_STREAM, _END_HEADERS, _PADDED, _PRIORITY = 0x1, 0x4, 0x8, 0x20
 _CLOSED = StreamState.CLOSED
+_SERVER_OPEN = ConnectionState.SERVER_OPEN
 
 
 def _frame_header(length: int, kind: int, flags: int, stream_id: int) -> bytes:
@@ -124,7 +125,8 @@ class LeanH2State(H2Connection):
                 stream_id, fields, end_stream, priority_weight, priority_depends_on, priority_exclusive
             )
             return
-        self.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
+        if self.state_machine.state is not _SERVER_OPEN:  # in SERVER_OPEN the input changes nothing
+            self.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
         machine = stream.state_machine
         machine.process_input(StreamInputs.SEND_HEADERS)
         if end_stream:
@@ -161,7 +163,8 @@ class LeanH2State(H2Connection):
         ):
             super().send_data(stream_id, data, end_stream, pad_length)  # h2 raises what it must
             return
-        self.state_machine.process_input(ConnectionInputs.SEND_DATA)
+        if self.state_machine.state is not _SERVER_OPEN:  # in SERVER_OPEN the input changes nothing
+            self.state_machine.process_input(ConnectionInputs.SEND_DATA)
         machine = stream.state_machine
         machine.process_input(StreamInputs.SEND_DATA)
         if end_stream:
@@ -218,7 +221,9 @@ class LeanH2State(H2Connection):
         if held + 1 > limit:
             raise TooManyStreamsError(f"Max inbound streams is {limit}, {held} open")
         headers = _decode_headers(self.decoder, frame.data)
-        events = self.state_machine.process_input(ConnectionInputs.RECV_HEADERS)
+        events: list[Event] = []  # in SERVER_OPEN, RECV_HEADERS changes nothing and says nothing
+        if self.state_machine.state is not _SERVER_OPEN:
+            events = self.state_machine.process_input(ConnectionInputs.RECV_HEADERS)
         stream = self._begin_new_stream(sid, AllowedStreamIDs.ODD)
         machine = stream.state_machine
         stream_events = machine.process_input(StreamInputs.RECV_HEADERS)

@@ -51,3 +51,14 @@ def test_names_are_sent_lower_case_and_static_fields_by_index() -> None:
     encoder.encode([(b":status", b"200")])  # the first block carries the table size update
     assert encoder.encode([(b":status", b"200")]) == b"\x88"  # static index 8, one byte
     assert Decoder().decode(StaticEncoder().encode([(b"X-Trace", b"1")]), raw=True) == [(b"x-trace", b"1")]
+
+
+def test_the_field_cache_stays_bounded_and_skips_request_ids() -> None:
+    from proxy.server.h2_encoder import CACHE_ENTRIES
+
+    encoder, decoder = StaticEncoder(), Decoder()
+    for i in range(5 * CACHE_ENTRIES):
+        headers = [*RESPONSE, (b"x-n", b"%d" % i), (b"x-request-id", b"r%d" % i), (b"x-big", b"b" * 500)]
+        assert decoder.decode(encoder.encode(headers), raw=True) == headers
+        assert len(encoder._cache) <= CACHE_ENTRIES
+    assert not any(name in (b"x-request-id", b"x-big") for name, _ in encoder._cache)
