@@ -97,6 +97,7 @@ class H1Connection(asyncio.Protocol):
         self._timer_at = INF  # when _timer fires
         self._upgrade_head: bytes | None = None  # an Upgrade request's head, to parse its body again
         self._sniff: bytes | None = b""  # the first bytes, while they may be the HTTP/2 preface
+        self._read_len = 0  # bytes of the read being parsed
         self._max_header_bytes = self.limits.max_header_bytes
         self._max_body_bytes = self.limits.max_body_bytes
         self._keepalive_s = self.limits.keepalive_timeout_s
@@ -111,6 +112,7 @@ class H1Connection(asyncio.Protocol):
     _header_room: int  # bytes the request line and headers may still take
     _head_reads: int  # bytes of the reads that continued an unfinished head
     _body: list[bytes]
+    _chunked_body: bool  # Transfer-Encoding: chunked, so on_body counts against the limit
     _body_room: int  # bytes the body may still take
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
@@ -136,6 +138,7 @@ class H1Connection(asyncio.Protocol):
                     return
         if self._stop_parsing:
             return
+        self._read_len = len(data)
         if self._phase == HEADERS:
             # httptools holds a header line until it ends (on_header sees nothing before): bound an
             # unfinished head here, by the bytes that keep coming for it.
@@ -230,6 +233,7 @@ class H1Connection(asyncio.Protocol):
         self._header_room = self._max_header_bytes
         self._head_reads = 0
         self._body = []
+        self._chunked_body = False
         self._body_room = self._max_body_bytes
 
     def on_url(self, url: bytes) -> None:
@@ -239,14 +243,19 @@ class H1Connection(asyncio.Protocol):
             raise HeadersTooLarge("request line and headers are too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        room = self._header_room - len(name) - len(value) - 4
-        if room < 0:
-            raise self._headers_too_large()
-        self._header_room = room
+        # Not counted here: a head that fits in one read no larger than max_header_bytes cannot
+        # exceed it; any other is counted once it is complete (on_headers_complete), and one still
+        # incomplete is bounded by the bytes read for it (data_received).
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         self._phase = BODY
+        if self._head_reads or self._read_len > self._max_header_bytes:  # see on_header
+            room = self._header_room
+            for name, value in self._headers:
+                room -= len(name) + len(value) + 4
+            if room < 0:
+                raise self._headers_too_large()
         expect = False
         for name, value in self._headers:  # one pass: the names the front acts on
             if name not in _WATCHED:
@@ -260,6 +269,7 @@ class H1Connection(asyncio.Protocol):
             elif name == b"transfer-encoding":
                 if value.strip().lower() != b"chunked":
                     raise MalformedHttp("only 'Transfer-Encoding: chunked' is supported in requests")
+                self._chunked_body = True
             elif name == b"upgrade":
                 self._upgrade = True
             elif value.lower() != b"100-continue":  # expect
@@ -270,10 +280,11 @@ class H1Connection(asyncio.Protocol):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, chunk: bytes) -> None:
-        room = self._body_room - len(chunk)
-        if room < 0:
-            raise self._too_large()
-        self._body_room = room
+        if self._chunked_body:  # else Content-Length framed it, checked in on_headers_complete
+            room = self._body_room - len(chunk)
+            if room < 0:
+                raise self._too_large()
+            self._body_room = room
         self._body.append(chunk)
 
     def on_message_complete(self) -> None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from proxy.errors import UpstreamClosed, UpstreamProtocolError, UpstreamTimeout
-from proxy.http import BodySink, Headers
+from proxy.http import BodySink, Headers, Response
 from proxy.upstream.base import RESPONSE_DROP
 
 INF = float("inf")
@@ -138,9 +138,6 @@ class UpstreamBody:
         self.abort()
 
 
-Head = tuple[int, Headers, bytes | UpstreamBody]  # status, headers, body (see start)
-
-
 class H1Connection(asyncio.Protocol):
     """An asyncio protocol for one upstream connection; at most one exchange at a time."""
 
@@ -153,7 +150,7 @@ class H1Connection(asyncio.Protocol):
         self.reused = False  # served an exchange before: a failure may be a stale keep-alive
         self.idle_since = 0.0
         self._reading_paused = False
-        self._waiter: asyncio.Future[Head] | None = None
+        self._waiter: asyncio.Future[Response] | None = None
         # One timer per connection, armed lazily: it watches ``_head_deadline`` while a response
         # head is awaited and the read-idle gap while a body streams. Moving the deadline is a
         # float store, so a non-streaming exchange arms no timer in the steady state.
@@ -162,11 +159,9 @@ class H1Connection(asyncio.Protocol):
         self._total_deadline = INF  # the exchange must be complete by then (total_timeout_s)
         self._head_only = False
         self._batch: list[bytes] = []  # streamed body chunks parsed from the current read
-        self._reset_exchange()
-
-    def _reset_exchange(self) -> None:
+        # The exchange in progress, reset by start():
         self._headers = Headers()  # the response headers that pass through to the client
-        self._dropped: list[tuple[bytes, bytes]] = []  # hop-by-hop and framing: only read here
+        self._dropped: list[tuple[bytes, bytes]] | None = None  # hop-by-hop ones but Content-Length
         self._status = 0
         self._head_done = False
         self._complete = False
@@ -179,19 +174,29 @@ class H1Connection(asyncio.Protocol):
         self._until_eof = False  # the body has neither a length nor chunks: the close ends it
 
     # -- exchange ----------------------------------------------------------------------------------
-    def start(self, data: bytes, head_only: bool) -> asyncio.Future[Head]:
-        """Send a request (all of it in ``data``); the future gives (status, headers, body) once the
-        response head is in. Whoever awaits it calls :meth:`cancel` if it is cancelled."""
+    def start(self, data: bytes, head_only: bool, now: float) -> asyncio.Future[Response]:
+        """Send a request (all of it in ``data``) at loop time ``now``; the future gives the
+        response once its head is in. Whoever awaits it calls :meth:`cancel` if it is cancelled."""
         transport = self.transport
         if self.closed or transport is None or transport.is_closing():
             raise UpstreamClosed("upstream connection closed", sent_nothing_new=True)
-        self._reset_exchange()
+        self._headers = Headers()
+        self._dropped = None
+        self._status = 0
+        self._head_done = False
+        self._complete = False
+        self._early = []
+        self._body = None
+        self._got_bytes = False
+        self._active = False
+        self._keep_alive = True
+        self._length = None
+        self._until_eof = False
         self._head_only = head_only
-        waiter: asyncio.Future[Head] = self.loop.create_future()
+        waiter: asyncio.Future[Response] = self.loop.create_future()
         self._waiter = waiter
         transport.write(data)
         cfg = self.pool.cfg
-        now = self.loop.time()
         self._total_deadline = total = now + cfg.total_timeout_s
         deadline = now + cfg.first_byte_timeout_s
         if deadline > total:
@@ -201,7 +206,7 @@ class H1Connection(asyncio.Protocol):
             self._timer = self.loop.call_at(deadline, self._on_timer)
         return waiter
 
-    def cancel(self, waiter: asyncio.Future[Head]) -> None:
+    def cancel(self, waiter: asyncio.Future[Response]) -> None:
         """The client left before the head came: stop the backend's work. (By then the connection
         may already serve another exchange: only touch it if not.)"""
         if self._waiter is waiter:
@@ -239,8 +244,9 @@ class H1Connection(asyncio.Protocol):
         self._head_deadline = INF
         headers = self._headers
         if self._complete:
-            body: bytes | UpstreamBody = b"".join(self._early) if len(self._early) != 1 else self._early[0]
-            waiter.set_result((self._status, headers, body))
+            early = self._early
+            body = early[0] if len(early) == 1 else b"".join(early)
+            waiter.set_result(Response(self._status, headers, body))
             self._finish_exchange()
             return
         stream = UpstreamBody(self, self._early, self._length)
@@ -253,7 +259,7 @@ class H1Connection(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
             self._timer = self.loop.call_at(read_deadline, self._on_timer)
-        waiter.set_result((self._status, headers, stream))
+        waiter.set_result(Response(self._status, headers, stream))
 
     def _finish_exchange(self) -> None:
         """The response is complete: back to the pool (its timer, if armed, fires once idle and
@@ -358,25 +364,28 @@ class H1Connection(asyncio.Protocol):
     # -- httptools callbacks -----------------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
-        if name in RESPONSE_DROP:
-            self._dropped.append((name, value))
-        else:
+        if name not in RESPONSE_DROP:
             self._headers.append((name, value))
+        elif name == b"content-length":
+            self._length = int(value)
+        elif self._dropped is None:
+            self._dropped = [(name, value)]
+        else:
+            self._dropped.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             # an interim response (100 Continue): the real head follows
             self._headers = Headers()
-            self._dropped = []
+            self._dropped = None
+            self._length = None
             return
         self._status = status
         self._keep_alive = self.parser.should_keep_alive()
         chunked = False
-        for k, v in self._dropped:
-            if k == b"content-length":
-                self._length = int(v)
-            elif k == b"transfer-encoding":
+        for k, v in self._dropped or ():
+            if k == b"transfer-encoding":
                 chunked = v.rstrip().lower().endswith(b"chunked")
             elif k == b"connection":  # the names it lists are hop-by-hop too
                 tokens = {t.strip().lower() for t in v.split(b",") if t.strip()}

@@ -48,11 +48,15 @@ class H1Pool:
         data = self._serialize(request, body)
         head_only = request.method == "HEAD"
         for attempt in (0, 1):
-            conn = self._take_idle() or await self._acquire()  # no coroutine when one is idle
+            now = self.loop.time()
+            conn = self._take_idle(now)  # no coroutine when one is idle
+            if conn is None:
+                conn = await self._acquire()
+                now = self.loop.time()
             try:
-                waiter = conn.start(data, head_only)
+                waiter = conn.start(data, head_only, now)
                 try:
-                    status, headers, resp_body = await waiter
+                    return await waiter
                 except asyncio.CancelledError:
                     conn.cancel(waiter)
                     raise
@@ -63,7 +67,6 @@ class H1Pool:
                     self._drop_idle()
                     continue
                 raise
-            return Response(status, headers, resp_body)
         raise AssertionError("unreachable")
 
     def stats(self) -> dict[str, int]:
@@ -105,7 +108,7 @@ class H1Pool:
 
     # -- pool decisions ----------------------------------------------------------------------------
     async def _acquire(self) -> H1Connection:
-        conn = self._take_idle()
+        conn = self._take_idle(self.loop.time())
         if conn is not None:
             return conn
         if self._open < self.cfg.max_connections:
@@ -147,9 +150,9 @@ class H1Pool:
         else:
             self.release(got)
 
-    def _take_idle(self) -> H1Connection | None:
+    def _take_idle(self, now: float) -> H1Connection | None:
         idle = self._idle
-        deadline = self.loop.time() - self.cfg.idle_timeout_s
+        deadline = now - self.cfg.idle_timeout_s
         while idle:
             conn = idle.pop()  # most recently used first: the warmest
             if not conn.closed and conn.idle_since >= deadline:
