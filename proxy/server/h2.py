@@ -15,6 +15,10 @@ Shutdown sends GOAWAY NO_ERROR with the last stream id and lets the streams unde
 
 Data is flushed once per batch of received frames, and otherwise once per loop iteration
 (``flush_soon``): responses and chunks that become ready together leave in one write.
+
+The h2 state machine is h2's with shorter paths for the frames every request and response uses
+(proxy/server/h2_state.py); request headers are HPACK-decoded by h2_decoder.py and checked and
+split by h2_request.py (h2's own validation is off); response headers are encoded by h2_encoder.py.
 """
 
 from __future__ import annotations
