@@ -4,9 +4,12 @@ It picks the target of each attempt among those whose breaker lets a call throug
 then its ``fallbacks``', skipping what this request tried already: see ``Router.pick``), so an open
 breaker fails over at once, with no backoff; when every breaker is open the answer is 503
 ``upstream_unavailable`` with ``Retry-After``. Then it records how the call went: connect errors,
-resets, timeouts and 5xx (429 with ``count_429``) are failures; a response head slower than
-``slow_call_s`` is a slow call. A streamed body's end decides for it: a stream cut mid-way is a
-failure. The state machine is :mod:`middleware.circuit_state`.
+resets, timeouts and 5xx (429 with ``count_429``) are failures. A slow call is an SSE stream whose
+first body byte (the first token) came more than ``slow_call_s`` after the request was sent — the
+rule operators of LLM backends use; a non-streaming answer is slow only past
+``slow_call_non_stream_s``, when set, since its first byte is the whole generation. A streamed
+body's end decides for it: a stream cut mid-way is a failure. The state machine is
+:mod:`middleware.circuit_state`.
 
 Put it after ``retry`` in the chain, so that each retry picks its target here again.
 
@@ -33,6 +36,7 @@ from proxy.http import Request, Response
 from proxy.registry import BuildContext
 from proxy.requested_model import requested_model
 from proxy.routing import Router
+from proxy.server.front import is_event_stream
 
 log = logging.getLogger("llm_sidecar.circuit_breaker")
 
@@ -45,7 +49,14 @@ class CircuitBreakerConfig:
     )
     window_s: int = opt(10, "seconds of calls the failure ratio looks at", min=1, max=3600)
     min_calls: int = opt(20, "calls within window_s before the failure ratio counts", min=1)
-    slow_call_s: float = opt(1.5, "a response head later than this is a slow call", min=0.001)
+    slow_call_s: float = opt(
+        1.5,
+        "a stream whose first body byte comes later than this after the request is a slow call",
+        min=0.001,
+    )
+    slow_call_non_stream_s: float | None = opt(
+        None, "a non-streaming answer later than this is a slow call (unset: never)", min=0.001
+    )
     slow_calls: int = opt(5, "slow calls in a row that open the breaker", min=1)
     open_s: float = opt(5.0, "how long an open breaker lets nothing through", min=0.001)
     half_open_probes: int = opt(
@@ -64,13 +75,13 @@ class CircuitBreaker:
         self.rng = ctx.rng
         self.clock = ctx.clock
         self.slow_call_s = config.slow_call_s
+        self.slow_non_stream_s = config.slow_call_non_stream_s
         self.count_429 = config.count_429
         rules = TripRules(
             consecutive_failures=config.consecutive_failures,
             failure_ratio=config.failure_ratio,
             window_s=config.window_s,
             min_calls=config.min_calls,
-            slow_call_s=config.slow_call_s,
             slow_calls=config.slow_calls,
             open_s=config.open_s,
             half_open_probes=config.half_open_probes,
@@ -111,12 +122,19 @@ class CircuitBreaker:
         if status >= 500 or (status == 429 and self.count_429):
             self.record_failure(breaker, target.upstream, None)
             return response
-        slow = self.clock.now() - started > self.slow_call_s
         body = response.body
-        if isinstance(body, bytes):
-            self.record_success(breaker, target.upstream, slow)
+        if is_event_stream(response):
+            if isinstance(body, bytes):  # the whole stream came with the head
+                slow: bool | None = self.clock.now() - started > self.slow_call_s
+            else:
+                slow = None  # decided by the first body chunk
         else:
-            response.body = tap_body(body, _StreamOutcome(self, breaker, target.upstream, slow))
+            limit = self.slow_non_stream_s
+            slow = limit is not None and self.clock.now() - started > limit
+        if isinstance(body, bytes):
+            self.record_success(breaker, target.upstream, bool(slow))
+        else:
+            response.body = tap_body(body, _StreamOutcome(self, breaker, target.upstream, started, slow))
         return response
 
     def record_success(self, breaker: CircuitState, upstream: str, slow: bool) -> None:
@@ -147,23 +165,40 @@ class CircuitBreaker:
 
 
 class _StreamOutcome:
-    """Body tap: a streamed response counts when it ends — cut short is a failure."""
+    """Body tap: a streamed response counts when it ends — cut short is a failure. When ``slow`` is
+    None (an SSE stream), the first chunk decides it: later than ``slow_call_s`` is slow."""
 
-    __slots__ = ("breaker", "middleware", "slow", "upstream")
+    __slots__ = ("breaker", "middleware", "slow", "started", "upstream")
     keeps_length = True
 
-    def __init__(self, middleware: CircuitBreaker, breaker: CircuitState, upstream: str, slow: bool) -> None:
+    def __init__(
+        self,
+        middleware: CircuitBreaker,
+        breaker: CircuitState,
+        upstream: str,
+        started: float,
+        slow: bool | None,
+    ) -> None:
         self.middleware = middleware
         self.breaker = breaker
         self.upstream = upstream
+        self.started = started
         self.slow = slow
 
+    def _first_byte(self) -> bool:
+        middleware = self.middleware
+        self.slow = slow = middleware.clock.now() - self.started > middleware.slow_call_s
+        return slow
+
     def feed(self, chunk: bytes) -> bytes:
+        if self.slow is None:
+            self._first_byte()
         return chunk
 
     def end(self, exc: BaseException | None) -> bytes:
         if exc is None:
-            self.middleware.record_success(self.breaker, self.upstream, self.slow)
+            slow = self._first_byte() if self.slow is None else self.slow
+            self.middleware.record_success(self.breaker, self.upstream, slow)
         elif isinstance(exc, asyncio.CancelledError) or not getattr(exc, "upstream_fault", False):
             self.breaker.release()  # the client left: no verdict on the upstream
         else:

@@ -9,7 +9,8 @@ Trip rules, checked as calls end (whichever fires first):
 - ``consecutive_failures`` failures in a row;
 - a failure ratio ≥ ``failure_ratio`` over the calls that ended in the last ``window_s`` seconds,
   once there were at least ``min_calls`` of them (1-second buckets in a ring: O(1) per call);
-- ``slow_calls`` successes in a row slower than ``slow_call_s`` to the response head.
+- ``slow_calls`` successes in a row that the caller found slow (``success(slow=True)``: the
+  middleware decides what slow is — a stream's first byte later than ``slow_call_s``).
 While open, no call is let through; after ``open_s`` up to ``half_open_probes`` calls go at once
 as probes; a failed or slow probe opens it again for another ``open_s``.
 
@@ -38,7 +39,6 @@ class TripRules:
     failure_ratio: float = 0.5
     window_s: int = 10
     min_calls: int = 20
-    slow_call_s: float = 1.5
     slow_calls: int = 5
     open_s: float = 5.0
     half_open_probes: int = 3

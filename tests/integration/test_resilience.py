@@ -170,18 +170,23 @@ def test_a_slow_replica_is_opened_by_the_slow_call_rule(
     mock_a: MockProcess, mock_b: MockProcess, tmp_path: Path
 ) -> None:
     middleware = "  - {type: circuit_breaker, slow_call_s: 1.5, slow_calls: 5, open_s: 30}\n"
-    mock_a.set_faults(first_byte_ms=1600)
+    mock_a.set_faults(first_byte_ms=1600)  # every answer of a: the first byte after 1.6 s
     with (
         SidecarProcess(two_replicas(mock_a.url, mock_b.url, middleware), tmp_path) as sidecar,
         sdk(sidecar) as client,
     ):
+
+        def stream() -> str:
+            chunks = client.chat.completions.create(model="demo-model", messages=HI, stream=True)
+            return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
         while mock_a.stats()["completed"] < 5:
-            chat(client)
+            assert stream()
         for _ in range(20):
-            chat(client)
+            assert stream()
         logs = sidecar.logs()
-    assert mock_a.stats()["requests"] == 5  # five slow answers, then nothing more went to a
-    assert "circuit breaker of upstream a opened" in logs
+    assert mock_a.stats()["requests"] == 5  # five slow streams, then nothing more went to a
+    assert "circuit breaker of upstream a opened for 30 s (slow calls)" in logs
 
 
 def test_traffic_flows_back_after_recovery_through_half_open(

@@ -331,19 +331,68 @@ async def test_a_client_leaving_a_stream_is_no_verdict_on_the_upstream() -> None
     assert breaker.breakers["a"].state == CLOSED and breaker.breakers["a"].consecutive == 0
 
 
-async def test_a_slow_response_head_counts_as_a_slow_call() -> None:
+class ChunksAfter:
+    """A streamed body whose one chunk comes ``delay`` (fake) seconds after the head."""
+
+    def __init__(self, clock: FakeClock, delay: float) -> None:
+        self.clock = clock
+        self.delay = delay
+        self.sent = False
+
+    def pipe(self, sink: object) -> None:
+        raise NotImplementedError
+
+    def pause_producing(self) -> None: ...
+
+    def resume_producing(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self.sent:
+            raise StopAsyncIteration
+        self.sent = True
+        self.clock.advance(self.delay)
+        return b"data: {}\n\n"
+
+
+async def test_a_stream_whose_first_byte_is_late_is_a_slow_call() -> None:
     clock = FakeClock()
 
-    def slow(target: Target) -> Response:
-        clock.advance(2.0)
+    def stream(delay: float) -> Outcome:
+        def outcome(target: Target) -> Response:
+            headers = Headers([(b"content-type", b"text/event-stream")])
+            return Response(200, headers, ChunksAfter(clock, delay))
+
+        return outcome
+
+    breaker = CircuitBreaker(CircuitBreakerConfig(slow_call_s=1.5, slow_calls=2), context(clock))
+    handler = compose([breaker], Upstreams(clock, a=stream(2.0), b=stream(0.1)))
+    for _ in range(20):
+        response = await handler(request())
+        assert not isinstance(response.body, bytes)
+        async for _chunk in response.body:
+            pass
+    assert breaker.breakers["a"].state == OPEN and breaker.breakers["b"].state == CLOSED
+
+
+async def test_a_long_non_streaming_answer_is_slow_only_past_its_own_limit() -> None:
+    clock = FakeClock()
+
+    def long_answer(target: Target) -> Response:
+        clock.advance(10.0)  # a long generation: the first byte is the whole answer
         return ok(target)
 
-    ctx = context(clock)
-    breaker = CircuitBreaker(CircuitBreakerConfig(slow_call_s=1.5, slow_calls=2), ctx)
-    handler = compose([breaker], Upstreams(clock, a=slow, b=ok))
-    for _ in range(20):
-        await handler(request())
-    assert breaker.breakers["a"].state == OPEN and breaker.breakers["b"].state == CLOSED
+    for limit, expected in ((None, CLOSED), (5.0, OPEN)):
+        config = CircuitBreakerConfig(slow_call_s=1.5, slow_calls=2, slow_call_non_stream_s=limit)
+        breaker = CircuitBreaker(config, context(clock))
+        handler = compose([breaker], Upstreams(clock, a=long_answer))
+        for _ in range(2):
+            await handler(request("solo"))
+        assert breaker.breakers["a"].state == expected
 
 
 async def test_a_discarded_retryable_answer_has_its_stream_aborted() -> None:
