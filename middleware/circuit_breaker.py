@@ -27,6 +27,7 @@ import logging
 import math
 from dataclasses import dataclass
 
+from middleware.breaker_share import BreakerShare, SharedBreakerConfig
 from middleware.circuit_state import CircuitState, TripRules
 from proxy.body import tap_body
 from proxy.chain import Handler
@@ -63,6 +64,9 @@ class CircuitBreakerConfig:
         3, "calls let through after open_s; all succeeding closes it, one failing re-opens it", min=1
     )
     count_429: bool = opt(False, "count an upstream's 429 as a failure")
+    shared: SharedBreakerConfig | None = opt(
+        None, "share opens with the fleet's other sidecars through Redis: {url, key_prefix, poll_s}"
+    )
 
 
 class CircuitBreaker:
@@ -87,12 +91,17 @@ class CircuitBreaker:
             half_open_probes=config.half_open_probes,
         )
         self.breakers = {name: CircuitState(rules, ctx.clock) for name in ctx.upstreams}
+        shared = config.shared
+        self.share = None if shared is None else BreakerShare(shared, self.breakers, ctx.clock)
         self._healthy = self._available  # bound once, not per request
 
     def _available(self, upstream: str) -> bool:
         return self.breakers[upstream].available()
 
     async def __call__(self, request: Request, next: Handler) -> Response:
+        share = self.share
+        if share is not None and not share.started:
+            share.start()
         ctx = request.ctx
         target = ctx.target
         if target is None:
@@ -141,15 +150,21 @@ class CircuitBreaker:
         trips = breaker.trips
         breaker.success(slow)
         if breaker.trips != trips:
-            self._log_open(breaker, upstream, "slow calls")
+            self._opened(breaker, upstream, "slow calls")
 
     def record_failure(self, breaker: CircuitState, upstream: str, exc: BaseException | None) -> None:
         trips = breaker.trips
         breaker.failure()
         if breaker.trips != trips:
-            self._log_open(breaker, upstream, f"failures; the last: {exc or 'an error status'}")
+            self._opened(breaker, upstream, f"failures; the last: {exc or 'an error status'}")
 
-    def _log_open(self, breaker: CircuitState, upstream: str, why: str) -> None:
+    async def aclose(self) -> None:
+        if self.share is not None:
+            await self.share.aclose()
+
+    def _opened(self, breaker: CircuitState, upstream: str, why: str) -> None:
+        if self.share is not None:
+            self.share.opened(upstream)
         log.warning(
             "circuit breaker of upstream %s opened for %g s (%s)", upstream, breaker.rules.open_s, why
         )

@@ -150,6 +150,16 @@ class CircuitState:
         if self.state == HALF_OPEN:
             self.probes_out -= 1
 
+    def open_until(self, until: float) -> None:
+        """Another sidecar's breaker of this upstream is open until ``until`` (this clock's time):
+        stay open until then too (``circuit_breaker.shared``). Not counted in ``trips``."""
+        if until <= self.clock.now():
+            return
+        if self.state == OPEN and self.opened_at + self.rules.open_s >= until:
+            return  # open here at least as long already
+        self.state = OPEN
+        self.opened_at = until - self.rules.open_s
+
     # -- internals ---------------------------------------------------------------------------------
     def _count(self, failed: bool) -> tuple[int, int]:
         """Count one call in the window; returns the window's (calls, failures) when ``failed``."""

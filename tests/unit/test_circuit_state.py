@@ -141,3 +141,29 @@ def test_outcomes_of_calls_let_through_before_it_opened_are_ignored() -> None:
     b.success()  # the third ends after it opened: no effect
     b.failure()
     assert state(b) == OPEN and b.trips == 1
+
+
+def test_open_until_keeps_it_open_as_long_as_the_other_sidecar_says() -> None:
+    clock = FakeClock()
+    b = breaker(clock, open_s=5)
+    b.open_until(clock.now() - 1)  # already over: nothing
+    assert state(b) == CLOSED
+    b.open_until(clock.now() + 3)
+    assert state(b) == OPEN and b.trips == 0  # not a trip of this sidecar's
+    assert b.retry_after() == 3
+    b.open_until(clock.now() + 1)  # a shorter one does not cut it short
+    assert b.retry_after() == 3
+    clock.advance(3)
+    assert b.acquire() and state(b) == HALF_OPEN
+
+
+def test_open_until_reopens_a_half_open_breaker() -> None:
+    clock = FakeClock()
+    b = breaker(clock, consecutive_failures=1, open_s=1)
+    fail(b, 1)
+    clock.advance(1)
+    assert b.acquire()
+    b.open_until(clock.now() + 10)
+    assert not b.acquire() and b.retry_after() == 10
+    b.success()  # the probe let through before: no news
+    assert state(b) == OPEN

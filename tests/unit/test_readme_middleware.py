@@ -8,6 +8,7 @@ from pathlib import Path
 
 from middleware.api_keys import ApiKeyConfig
 from middleware.auth import AuthConfig
+from middleware.breaker_share import SharedBreakerConfig
 from middleware.circuit_breaker import CircuitBreakerConfig
 from middleware.rate_limit.config import RateLimitConfig, RedisConfig
 from middleware.retry import RetryConfig
@@ -28,6 +29,7 @@ def test_the_middleware_section_names_every_built_in_option() -> None:
             RedisConfig,
             RetryConfig,
             CircuitBreakerConfig,
+            SharedBreakerConfig,
         )
         for f in dataclasses.fields(cls)
         if f.init and not re.search(rf"[`{{ ]{f.name}[`,}}]", section)
