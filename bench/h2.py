@@ -15,8 +15,9 @@ per server a warm-up, then 8 connections × 8 streams and 1 connection × 100 st
 CPU per request = the proxy's utime+stime over the run ÷ requests done. Then 1000 streaming requests
 at once (``h2load -c10 -m100 -n1000``, 8 chunks 150 ms apart: each lasts ~1.2 s, so all are in
 flight together) through the h2c-upstream sidecar; the mock's ``/_mock/stats`` tell how many HTTP/2
-connections carried them. ``h2_rows`` gives the summary rows (bench/report.py ``Row``) with their
-bars, ``section`` the markdown section of the results page (``bench.run`` appends it).
+connections carried them (and, polled during the run, how many streams it had in flight at once).
+``h2_rows`` gives the summary rows (bench/report.py ``Row``) with their bars, ``section`` the
+markdown section of the results page (``bench.run`` appends it).
 ``python -m bench.h2 [bench.run's options]`` runs this part alone and prints the section.
 """
 
@@ -27,6 +28,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -125,6 +127,7 @@ class Fanout:
     upstream_connections: int  # HTTP/2 connections the mock accepted during the run
     upstream_max_open: int  # the most open at once
     cpu_us: float
+    max_in_flight: int  # the most streams in flight at the mock, polled every 50 ms
 
 
 @dataclass
@@ -257,16 +260,31 @@ def fanout_run(binary: str, children: Children, workdir: Path, settings: Setting
     say(f"{FANOUT_STREAMS} concurrent streams through the sidecar to an h2c upstream ({mock.url})")
     mock_control(mock, "POST", "/_mock/reset")
     before = cpu_seconds(sidecar.proxy_pids)
-    result = run_h2load(
-        binary,
-        sidecar,
-        FANOUT_CLIENTS,
-        FANOUT_STREAMS // FANOUT_CLIENTS,
-        body,
-        settings.load_cpu,
-        requests=FANOUT_STREAMS,
-        headers=FANOUT_KNOBS,
-    )
+    done = threading.Event()
+    in_flight: list[int] = [0]
+
+    def poll() -> None:  # the most requests in flight at the mock: were the 1000 there at once?
+        while not done.wait(0.05):
+            value = mock_control(mock, "GET", "/_mock/stats").get("in_flight")
+            if isinstance(value, int):
+                in_flight[0] = max(in_flight[0], value)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        result = run_h2load(
+            binary,
+            sidecar,
+            FANOUT_CLIENTS,
+            FANOUT_STREAMS // FANOUT_CLIENTS,
+            body,
+            settings.load_cpu,
+            requests=FANOUT_STREAMS,
+            headers=FANOUT_KNOBS,
+        )
+    finally:
+        done.set()
+        poller.join()
     used = cpu_seconds(sidecar.proxy_pids) - before
     stats = mock_control(mock, "GET", "/_mock/stats")
     children.stop(sidecar.proc)
@@ -282,11 +300,13 @@ def fanout_run(binary: str, children: Children, workdir: Path, settings: Setting
         count("h2_connections"),
         count("h2_max_open_connections"),
         used * 1e6 / max(1, result.done),
+        in_flight[0],
     )
     say(
         f"  {result.succeeded}/{FANOUT_STREAMS} streams in {result.seconds:.2f} s, errors {result.errors}, "
         f"mock completed {out.completed} on {out.upstream_connections} h2 connections "
-        f"(max {out.upstream_max_open} open), sidecar CPU {out.cpu_us:.0f} µs/stream"
+        f"(max {out.upstream_max_open} open, {out.max_in_flight} streams in flight at once), "
+        f"sidecar CPU {out.cpu_us:.0f} µs/stream"
     )
     return out
 
@@ -365,6 +385,8 @@ def h2_rows(h2: H2Results) -> list[Row]:
                         sidecar_at_most(FANOUT_MAX_UPSTREAM), ratio=False))  # fmt: skip
         bad = float(f.h2load.errors + FANOUT_STREAMS - f.h2load.succeeded + FANOUT_STREAMS - f.completed)
         rows.append(Row(f"{title}: errors", [None, None, bad], 0, "sidecar 0", zero, ratio=False))
+        rows.append(Row(f"{title}: most in flight at the mock", [None, None, float(f.max_in_flight)], 0,
+                        "info", ratio=False))  # fmt: skip
     return rows
 
 
@@ -393,7 +415,8 @@ def section(h2: H2Results, settings: Settings) -> str:
             f"- Upstream fan-out: {f.h2load.succeeded}/{FANOUT_STREAMS} streams succeeded in "
             f"{f.h2load.seconds:.2f} s ({f.h2load.errors} h2load errors); the mock completed "
             f"{f.completed} on "
-            f"{f.upstream_connections} HTTP/2 connections (at most {f.upstream_max_open} open at once); "
+            f"{f.upstream_connections} HTTP/2 connections (at most {f.upstream_max_open} open at once; at "
+            f"most {f.max_in_flight} streams in flight at the mock, polled every 50 ms); "
             f"sidecar CPU {f.cpu_us:.0f} µs per stream.\n"
         )
     per_client = FANOUT_STREAMS // FANOUT_CLIENTS
