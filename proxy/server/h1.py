@@ -349,7 +349,9 @@ class H1Connection(asyncio.Protocol):
         if isinstance(item, ProxyError):
             self._busy = True
             self._keep_alive = False
-            self._write_whole(error_response(item), None, http11=True)
+            response = error_response(item)
+            assert isinstance(response.body, bytes)
+            self._write_whole(response, response.body, None, http11=True)
         else:
             self._answer(*item)
 
@@ -360,7 +362,7 @@ class H1Connection(asyncio.Protocol):
             local = self.front.local.get(request.raw_target)
             if local is not None:
                 resp = Response(200, Headers([(b"content-type", b"application/json")]), local)
-                self._write_whole(resp, request, http11)
+                self._write_whole(resp, local, request, http11)
                 return
         self._job = request
         self._job_http11 = http11
@@ -402,7 +404,7 @@ class H1Connection(asyncio.Protocol):
                 return
             body = response.body
             if isinstance(body, bytes):
-                self._write_whole(response, request, http11)
+                self._write_whole(response, body, request, http11)
             elif hasattr(body, "pipe"):  # a PipeableBody: an UpstreamBody, or a middleware's wrapper of one
                 pipeable = cast(PipeableBody, body)
                 self._write_head(response, request, getattr(body, "length", None), http11)
@@ -414,8 +416,8 @@ class H1Connection(asyncio.Protocol):
                 self._write_head(response, request, None, http11)
                 await self._write_iter(body)
 
-    def _write_whole(self, response: Response, request: Request | None, http11: bool) -> None:
-        body = cast(bytes, response.body)
+    def _write_whole(self, response: Response, body: bytes, request: Request | None, http11: bool) -> None:
+        """A response whose body is ``body`` (its bytes): head and body in one write."""
         head = self._head(response, request, b"content-length: %d" % len(body), http11)
         transport = self.transport
         if transport is not None:

@@ -180,18 +180,15 @@ class H1Connection(asyncio.Protocol):
         transport = self.transport
         if self.closed or transport is None or transport.is_closing():
             raise UpstreamClosed("upstream connection closed", sent_nothing_new=True)
+        # (_status, _keep_alive, _until_eof: set with the head; _body, _active: with a stream, and
+        # None again once it ends; a connection whose exchange failed is never reused.)
         self._headers = Headers()
         self._dropped = None
-        self._status = 0
         self._head_done = False
         self._complete = False
         self._early = []
-        self._body = None
         self._got_bytes = False
-        self._active = False
-        self._keep_alive = True
         self._length = None
-        self._until_eof = False
         self._head_only = head_only
         waiter: asyncio.Future[Response] = self.loop.create_future()
         self._waiter = waiter
