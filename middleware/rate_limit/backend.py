@@ -8,7 +8,7 @@ from typing import Any, Protocol
 from middleware.rate_limit.bucket import Decision, LimitSpec
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per request, built cheaply (see bucket.Decision)
 class Ask:
     """One request's claim: a request and ``tokens`` from the buckets of (scope, model)."""
 

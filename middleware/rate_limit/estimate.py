@@ -16,12 +16,14 @@ from proxy.http import Request
 
 GENERATING_PATHS: Final = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
 STREAM_USAGE_PATHS: Final = frozenset({"/v1/chat/completions", "/v1/completions"})
-_PROMPT_FIELDS: Final = ("messages", "prompt", "input", "tools", "functions", "instructions", "system")
+_PROMPT_FIELDS: Final = frozenset(
+    {"messages", "prompt", "input", "tools", "functions", "instructions", "system"}
+)
 _NOT_TEXT: Final = frozenset({"image_url", "input_audio", "audio", "file", "image", "file_data", "video_url"})
 _MAX_FIELDS: Final = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per request, built cheaply (see bucket.Decision)
 class Estimate:
     prompt: int
     completion: int
@@ -33,23 +35,25 @@ class Estimate:
 
 def estimate(data: dict[str, Any], path: str, chars_per_token: float, default_max_tokens: int) -> Estimate:
     chars, ids = 0, 0
-    for name in _PROMPT_FIELDS:
-        value = data.get(name)
-        if value is not None:
-            c, i = _text(value)
-            chars += c
-            ids += i
+    for name, value in data.items():  # a few fields: cheaper than looking up each prompt field
+        if name in _PROMPT_FIELDS:
+            if type(value) is str:
+                chars += len(value)
+            elif value is not None:
+                c, i = _text(value)
+                chars += c
+                ids += i
     prompt = math.ceil(chars / chars_per_token) + ids
     if path not in GENERATING_PATHS:
         return Estimate(prompt, 0)
     limit = default_max_tokens
     for name in _MAX_FIELDS:
         value = data.get(name)
-        if _positive_int(value):
+        if value is not None and _positive_int(value):
             limit = value
             break
     n = data.get("n")
-    return Estimate(prompt, limit * (n if _positive_int(n) else 1))
+    return Estimate(prompt, limit if n is None else limit * (n if _positive_int(n) else 1))
 
 
 def ask_for_stream_usage(request: Request, data: dict[str, Any]) -> bool:
@@ -66,25 +70,36 @@ def ask_for_stream_usage(request: Request, data: dict[str, Any]) -> bool:
 
 
 def _text(value: Any) -> tuple[int, int]:
-    """(characters of text, token ids) in a JSON value, skipping binary parts."""
-    if isinstance(value, str):
-        return len(value), 0
-    if isinstance(value, bool):
-        return 0, 0
-    if isinstance(value, int):
-        return 0, 1
+    """(characters of text, token ids) in a JSON value, skipping binary parts. A loop, not recursion,
+    and exact type checks first (JSON gives exact types): this runs on every request."""
     chars, ids = 0, 0
-    if isinstance(value, list):
-        for item in value:
-            c, i = _text(item)
-            chars += c
-            ids += i
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            if key not in _NOT_TEXT:
-                c, i = _text(item)
-                chars += c
-                ids += i
+    todo = [value]
+    while todo:
+        item = todo.pop()
+        kind = type(item)
+        if kind is str:
+            chars += len(item)
+        elif kind is dict:
+            for key, inner in item.items():
+                if key not in _NOT_TEXT:
+                    if type(inner) is str:
+                        chars += len(inner)
+                    else:
+                        todo.append(inner)
+        elif kind is list:
+            todo.extend(item)
+        elif kind is int:
+            ids += 1
+        elif isinstance(item, bool | float) or item is None:
+            pass
+        elif isinstance(item, str):
+            chars += len(item)
+        elif isinstance(item, int):
+            ids += 1
+        elif isinstance(item, list | tuple):
+            todo.extend(item)
+        elif isinstance(item, dict):
+            todo.extend(inner for key, inner in item.items() if key not in _NOT_TEXT)
     return chars, ids
 
 

@@ -32,20 +32,25 @@ def duration(seconds: float) -> str:
     return f"{secs}s"
 
 
+def reset_value(seconds: float) -> bytes:
+    """``duration(seconds)`` as a header value; under a second (the usual case) without the detour."""
+    ms = math.ceil(seconds * 1000 - 1e-6)
+    if 0 < ms < 1000:
+        return b"%dms" % ms
+    return duration(seconds).encode()
+
+
 def ratelimit_headers(spec: LimitSpec, decision: Decision) -> Headers:
+    req, tok = spec.requests, spec.tokens
     headers: Headers = []
-    if spec.requests is not None:
-        headers += [
-            (b"x-ratelimit-limit-requests", b"%d" % spec.requests.per_minute),
-            (b"x-ratelimit-remaining-requests", b"%d" % decision.requests_remaining),
-            (b"x-ratelimit-reset-requests", duration(decision.requests_reset_s).encode()),
-        ]
-    if spec.tokens is not None:
-        headers += [
-            (b"x-ratelimit-limit-tokens", b"%d" % spec.tokens.per_minute),
-            (b"x-ratelimit-remaining-tokens", b"%d" % decision.tokens_remaining),
-            (b"x-ratelimit-reset-tokens", duration(decision.tokens_reset_s).encode()),
-        ]
+    if req is not None:
+        headers.append((b"x-ratelimit-limit-requests", b"%d" % req.per_minute))
+        headers.append((b"x-ratelimit-remaining-requests", b"%d" % decision.requests_remaining))
+        headers.append((b"x-ratelimit-reset-requests", reset_value(decision.requests_reset_s)))
+    if tok is not None:
+        headers.append((b"x-ratelimit-limit-tokens", b"%d" % tok.per_minute))
+        headers.append((b"x-ratelimit-remaining-tokens", b"%d" % decision.tokens_remaining))
+        headers.append((b"x-ratelimit-reset-tokens", reset_value(decision.tokens_reset_s)))
     return headers
 
 

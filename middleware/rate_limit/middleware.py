@@ -44,6 +44,7 @@ from proxy.requested_model import model_and_json
 ANONYMOUS: Final = "anonymous"  # the scope and key id of requests that no auth identified
 NO_MODEL: Final = "-"  # the bucket of requests that name no model, or one no route serves
 NOTHING: Final = Estimate(0, 0)
+MAX_KEYS_CACHED: Final = 65536  # key id → spec entries kept (then the cache starts over)
 
 
 class RateLimit:
@@ -60,6 +61,8 @@ class RateLimit:
             self.backend = MemoryBackend(context.clock, config.max_buckets)
         # Bucket specs by per-key limits: one per distinct `limits:` of the configured keys.
         self._specs: dict[KeyLimits, LimitSpec] = {NO_LIMITS: config.spec(NO_LIMITS)}
+        # The same by key id, checked by identity: hashing a KeyLimits per request costs more.
+        self._by_key: dict[str, tuple[KeyLimits, LimitSpec]] = {}
 
     async def __call__(self, request: Request, next: Handler) -> Response:
         identity = identity_of(request)
@@ -70,9 +73,8 @@ class RateLimit:
             key_id = identity.key_id
             scope = identity.tenant if self.per_tenant else key_id
             limits = identity.limits
-        spec = self._specs.get(limits)
-        if spec is None:
-            spec = self._specs[limits] = self.cfg.spec(limits)
+        known = self._by_key.get(key_id)
+        spec = known[1] if known is not None and known[0] is limits else self._spec(key_id, limits)
         if spec.requests is None and spec.tokens is None and not spec.max_in_flight:
             return await next(request)
 
@@ -82,7 +84,8 @@ class RateLimit:
             model = NO_MODEL
         elif data is not None and spec.tokens is not None:
             cost = estimate(data, request.path, self.cfg.chars_per_token, self.cfg.default_max_tokens)
-            strip = self.cfg.stream_usage and ask_for_stream_usage(request, data)
+            if data.get("stream") is True and self.cfg.stream_usage:
+                strip = ask_for_stream_usage(request, data)
 
         ticket = await self.backend.acquire(Ask(scope, model, key_id, spec, cost.total))
         decision = ticket.decision
@@ -101,8 +104,12 @@ class RateLimit:
                 e.headers = e.headers + headers  # an error answer carries them too
             raise
         if headers:
-            response.headers[:] = [kv for kv in response.headers if kv[0] not in RATELIMIT_NAMES]
-            response.headers.extend(headers)
+            answer_headers = response.headers
+            for name, _ in answer_headers:
+                if name in RATELIMIT_NAMES:  # the upstream's own (OpenAI sends them): ours replace them
+                    answer_headers[:] = [kv for kv in answer_headers if kv[0] not in RATELIMIT_NAMES]
+                    break
+            answer_headers.extend(headers)
         settle_response(
             response,
             cost.total,
@@ -112,6 +119,15 @@ class RateLimit:
             partial(self.backend.release, ticket),
         )
         return response
+
+    def _spec(self, key_id: str, limits: KeyLimits) -> LimitSpec:
+        spec = self._specs.get(limits)
+        if spec is None:
+            spec = self._specs[limits] = self.cfg.spec(limits)
+        if len(self._by_key) >= MAX_KEYS_CACHED:
+            self._by_key.clear()
+        self._by_key[key_id] = (limits, spec)
+        return spec
 
     async def aclose(self) -> None:
         await self.backend.aclose()

@@ -23,11 +23,12 @@ from urllib.parse import urlsplit
 
 from redis.exceptions import RedisError
 
+from middleware.rate_limit import lua
 from middleware.rate_limit.backend import Ask, Ticket
 from middleware.rate_limit.breaker import CLOSED, Breaker
 from middleware.rate_limit.bucket import IN_FLIGHT_RETRY_S, Decision, LimitSpec, Reason
 from middleware.rate_limit.config import RateLimitConfig
-from middleware.rate_limit.redis_batcher import ScriptBatcher, StoreUnavailable, command, command_head
+from middleware.rate_limit.redis_batcher import ScriptBatcher, StoreUnavailable, command_head
 from middleware.rate_limit.redis_conn import Endpoint
 from proxy.clock import Clock
 from proxy.errors import RateLimiterUnavailable
@@ -61,19 +62,34 @@ class RedisBackend:
     async def acquire(self, ask: Ask) -> Ticket:
         if not self.breaker.allow():
             return self._unreachable(ask)
-        acquire_head, settle_head = self._bucket_heads(ask)
-        now = self._now_arg()
-        tail = [now, b"%d" % ask.tokens]
-        member = b""
+        heads = self._heads.get((ask.scope, ask.model, ask.key_id, ask.spec))
+        acquire_head, settle_head = heads if heads is not None else self._bucket_heads(ask)
+        tokens = b"%d" % ask.tokens
+        now = self._now_arg() if self._now is not None else b""
         if ask.spec.max_in_flight:
             member = b"%b:%d" % (self._instance, next(self._members))
-            tail.append(member)
+            data = b"*%d\r\n%b$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (
+                HEAD_ITEMS + 3,
+                acquire_head,
+                len(now),
+                now,
+                len(tokens),
+                tokens,
+                len(member),
+                member,
+            )
+        else:
+            member = b""
+            data = b"*%d\r\n%b$%d\r\n%b\r\n$%d\r\n%b\r\n" % (
+                HEAD_ITEMS + 2,
+                acquire_head,
+                len(now),
+                now,
+                len(tokens),
+                tokens,
+            )
         waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.batcher.call(
-            command(acquire_head, HEAD_ITEMS, tail),
-            waiter,
-            lambda reply: self._give_back(settle_head, ask.tokens, member, reply),
-        )
+        self.batcher.call(data, waiter, lambda reply: self._give_back(settle_head, ask.tokens, member, reply))
         try:
             reply = await waiter
         except StoreUnavailable:
@@ -126,7 +142,7 @@ class RedisBackend:
 
     def _give_back(self, settle_head: bytes, tokens: int, member: bytes, reply: Any) -> None:
         """An admission whose requester left before hearing of it: give its tokens and slot back."""
-        if isinstance(reply, bytes) and reply.startswith(b"0 "):
+        if isinstance(reply, bytes) and len(reply) == lua.REPLY.size and lua.REPLY.unpack(reply)[0] == 0:
             self.batcher.settle((settle_head, HEAD_ITEMS, self._now_arg()), -tokens, member)
 
     def _unreachable(self, ask: Ask) -> Ticket:
@@ -160,7 +176,7 @@ class RedisBackend:
 
 
 def decode(reply: bytes) -> Decision:
-    code, req_left, req_reset_ms, tok_left, tok_reset_ms, wait_ms = map(int, reply.split())
+    code, req_left, req_reset_ms, tok_left, tok_reset_ms, wait_ms = lua.REPLY.unpack(reply)
     wait_s = math.inf if wait_ms < 0 else wait_ms / 1000
     if code == 3:
         wait_s = IN_FLIGHT_RETRY_S
