@@ -2,7 +2,7 @@
 
 ``measure_h2`` is called by ``bench.run`` once the HTTP/1.1 runs are done, with the mock, the
 sidecar and their processes already started. It installs ``h2load`` (apt package
-``nghttp2-client``) when missing and starts two more servers of its own:
+``nghttp2-client``, bench/h2load.py) when missing and starts two more servers of its own:
 
 - nginx with an h2c (prior knowledge) listener proxying the same mock over HTTP/1.1 (bench/nginx.py
   with ``http2=True``), pinned to the proxy CPU like the sidecar; the sidecar serves h2c on its one
@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import subprocess
 import sys
 import threading
 import urllib.request
@@ -35,15 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import nginx
-from bench.common import CHAT_PATH, HOST, SHORT, STREAM, BenchError, Settings, say
+from bench.common import HOST, SHORT, STREAM, BenchError, Settings, say
+from bench.h2load import H2loadResult, ensure_h2load, h2load_version, run_h2load
 from bench.procs import (
     Children,
     accepts,
-    apt_install,
     child_pids,
-    child_setup,
     cpu_seconds,
-    find_tool,
     free_port,
     wait_ready,
 )
@@ -81,35 +77,6 @@ H2_8X8 = H2Scenario("h2_8x8", "h2c, 8 conns × 8 streams", 8, 8)
 H2_1X100 = H2Scenario("h2_1x100", "h2c, 1 conn × 100 streams", 1, 100)
 H2_SCENARIOS = (H2_8X8, H2_1X100)
 
-_FINISHED = re.compile(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s")
-_REQUESTS = re.compile(
-    r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored"
-    r"(?:, (\d+) timeout)?"
-)
-_STATUS = re.compile(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx")
-
-
-@dataclass(frozen=True)
-class H2loadResult:
-    """What one h2load run printed."""
-
-    seconds: float
-    rps: float
-    done: int
-    succeeded: int
-    errors: int  # failed + errored + timeout + non-2xx answers
-
-    @classmethod
-    def parse(cls, out: str) -> H2loadResult:
-        finished, requests, status = _FINISHED.search(out), _REQUESTS.search(out), _STATUS.search(out)
-        if finished is None or requests is None or status is None:
-            raise BenchError(f"h2load printed no result:\n{out[-2000:]}")
-        seconds = float(finished.group(1)) / (1000 if finished.group(2) == "ms" else 1)
-        done, succeeded, failed, errored = (int(requests.group(i)) for i in (3, 4, 5, 6))
-        timeout = int(requests.group(7) or 0)
-        non2xx = sum(int(status.group(i)) for i in (2, 3, 4))
-        return cls(seconds, float(finished.group(3)), done, succeeded, failed + errored + timeout + non2xx)
-
 
 @dataclass(frozen=True)
 class H2Run:
@@ -137,21 +104,7 @@ class H2Results:
     h2load_version: str = ""
 
 
-# ---- tools and servers ---------------------------------------------------------------------------
-
-
-def ensure_h2load() -> str:
-    if find_tool("h2load") is None:
-        apt_install(["nghttp2-client"])
-    found = find_tool("h2load")
-    if found is None:
-        raise BenchError("h2load is needed: apt-get install -y nghttp2-client")
-    return found
-
-
-def h2load_version(binary: str) -> str:
-    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False)
-    return (out.stdout.strip().splitlines() or ["unknown"])[0]
+# ---- servers -------------------------------------------------------------------------------------
 
 
 def start_h2c_nginx(children: Children, binary: str, workdir: Path, upstream: Target, cpu: int) -> Target:
@@ -200,38 +153,6 @@ def mock_control(mock: Target, method: str, path: str) -> dict[str, object]:
     with urllib.request.urlopen(urllib.request.Request(mock.url + path, method=method), timeout=10) as r:
         answer: dict[str, object] = json.loads(r.read() or b"{}")
         return answer
-
-
-# ---- h2load --------------------------------------------------------------------------------------
-
-
-def run_h2load(
-    binary: str,
-    target: Target,
-    clients: int,
-    streams: int,
-    body: Path,
-    cpu: int,
-    *,
-    seconds: int | None = None,
-    requests: int | None = None,
-    headers: Sequence[tuple[str, str]] = (),
-) -> H2loadResult:
-    argv = [binary, "-t1", f"-c{clients}", f"-m{streams}", "-d", str(body)]
-    argv += ["-H", "content-type: application/json"]
-    for name, value in headers:
-        argv += ["-H", f"{name}: {value}"]
-    argv += [f"-D{seconds}"] if seconds is not None else [f"-n{requests}"]
-    done = subprocess.run(
-        [*argv, target.url + CHAT_PATH],
-        capture_output=True,
-        text=True,
-        timeout=(seconds or 0) + 120,
-        check=False,
-        preexec_fn=child_setup(cpu),
-        start_new_session=True,
-    )
-    return H2loadResult.parse(done.stdout + done.stderr)
 
 
 def measured(binary: str, target: Target, scenario: H2Scenario, body: Path, settings: Settings) -> H2Run:
