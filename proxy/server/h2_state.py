@@ -40,6 +40,7 @@ from h2.events import Event, RequestReceived, StreamEnded
 from h2.exceptions import ProtocolError, StreamClosedError, StreamIDTooLowError, TooManyStreamsError
 from h2.frame_buffer import FrameBuffer
 from h2.stream import STREAM_OPEN, StreamInputs, StreamState
+from hyperframe.flags import Flags
 from hyperframe.frame import DataFrame, Frame, HeadersFrame, RstStreamFrame
 
 _FRAME_HEADER = struct.Struct(">HBBBL")  # 24-bit length as 16 + 8 bits, type, flags, stream id
@@ -78,15 +79,38 @@ class LeanFrameBuffer(FrameBuffer):
         if len(data) < end:
             raise StopIteration
         self._validate_frame_length(length)
-        frame: DataFrame | HeadersFrame = DataFrame(sid) if kind == _DATA else HeadersFrame(sid)
-        if kind == _HEADERS:
-            frame.flags.add("END_HEADERS")
-        if flags & _END_STREAM:
-            frame.flags.add("END_STREAM")
+        # The frames are built as their constructors would (tests/unit/test_h2_state.py compares
+        # their attributes with h2's), without building each one's set of valid flag names anew.
+        frame: DataFrame | HeadersFrame
+        if kind == _DATA:
+            frame = DataFrame.__new__(DataFrame)
+            frame.flags = _flags(_DATA_FLAGS, {"END_STREAM"} if flags & _END_STREAM else set())
+        else:
+            frame = HeadersFrame.__new__(HeadersFrame)
+            frame.flags = _flags(
+                _HEADERS_FLAGS, {"END_HEADERS", "END_STREAM"} if flags & _END_STREAM else {"END_HEADERS"}
+            )
+            frame.depends_on = 0
+            frame.stream_weight = 0
+            frame.exclusive = False
+        frame.stream_id = sid
+        frame.pad_length = 0
         frame.data = bytes(data[9:end])
         frame.body_len = length
         del data[:end]
         return frame
+
+
+_DATA_FLAGS = frozenset(flag.name for flag in DataFrame.defined_flags)
+_HEADERS_FLAGS = frozenset(flag.name for flag in HeadersFrame.defined_flags)
+
+
+def _flags(valid: frozenset[str], present: set[str]) -> Flags:
+    """``Flags(defined_flags)`` holding ``present``, with a shared set of the valid names."""
+    out = Flags.__new__(Flags)
+    out._valid_flags = valid  # type: ignore[assignment]  # only read (``in``) by Flags
+    out._flags = present
+    return out
 
 
 class LeanH2State(H2Connection):

@@ -183,7 +183,8 @@ def test_the_lean_frame_buffer_yields_h2s_frames(chunk: int) -> None:
         for i in range(0, len(data), chunk):
             buffer.add_data(data[i : i + chunk])
             frames += [
-                (type(f).__name__, f.stream_id, sorted(f.flags), getattr(f, "data", None),
+                (type(f).__name__, sorted(f.flags), sorted(f.flags._valid_flags),
+                 {k: v for k, v in vars(f).items() if k != "flags"},
                  getattr(f, "flow_controlled_length", None))
                 for f in buffer
             ]  # fmt: skip
