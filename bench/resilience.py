@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.alone import run_alone
 from bench.common import HOST, Settings, say
 from bench.procs import Children, Tools
 from bench.ratelimit import Sample, sample, start_sidecar
@@ -104,30 +105,5 @@ def _zero(value: int) -> str:
     return "PASS" if value == 0 else "**FAIL**"
 
 
-def main() -> int:
-    """``python -m bench.resilience [bench.run's options]``: these rows alone, printed, nothing written."""
-    import os
-    import tempfile
-
-    from bench.common import BenchError
-    from bench.procs import ensure_tools, raise_fd_limit
-    from bench.run import parse_args
-    from bench.servers import start_mock
-
-    settings = parse_args(sys.argv[1:])
-    raise_fd_limit()
-    tools = ensure_tools()
-    try:
-        with tempfile.TemporaryDirectory(prefix="llm-sidecar-bench-") as tmp, Children(Path(tmp)) as children:
-            os.sched_setaffinity(0, {settings.load_cpu})
-            mock = start_mock(children, settings.load_cpu)
-            result = measure_resilience(children, Path(tmp), mock, tools, settings)
-    except BenchError as e:
-        say(f"bench failed: {e}")
-        return 1
-    print(section(result))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m bench.resilience [bench.run's options]: printed, nothing written
+    sys.exit(run_alone(measure_resilience, section))

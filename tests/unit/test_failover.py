@@ -270,10 +270,20 @@ async def test_the_budget_caps_retries_of_a_dead_fleet() -> None:
 
 
 class StreamBody:
-    """A streamed body (pipeable enough for tap_body) that fails or ends when iterated."""
+    """A streamed body (pipeable enough for tap_body): ``chunks`` (each ``delay`` fake seconds after
+    the last), then ``fail`` raised or the end."""
 
-    def __init__(self, fail: BaseException | None) -> None:
+    def __init__(
+        self,
+        fail: BaseException | None = None,
+        chunks: int = 0,
+        clock: FakeClock | None = None,
+        delay: float = 0.0,
+    ) -> None:
         self.fail = fail
+        self.chunks = chunks
+        self.clock = clock
+        self.delay = delay
         self.aborted = False
 
     def pipe(self, sink: object) -> None:
@@ -290,6 +300,11 @@ class StreamBody:
         return self
 
     async def __anext__(self) -> bytes:
+        if self.chunks:
+            self.chunks -= 1
+            if self.clock is not None:
+                self.clock.advance(self.delay)
+            return b"data: {}\n\n"
         if self.fail is not None:
             raise self.fail
         raise StopAsyncIteration
@@ -331,41 +346,13 @@ async def test_a_client_leaving_a_stream_is_no_verdict_on_the_upstream() -> None
     assert breaker.breakers["a"].state == CLOSED and breaker.breakers["a"].consecutive == 0
 
 
-class ChunksAfter:
-    """A streamed body whose one chunk comes ``delay`` (fake) seconds after the head."""
-
-    def __init__(self, clock: FakeClock, delay: float) -> None:
-        self.clock = clock
-        self.delay = delay
-        self.sent = False
-
-    def pipe(self, sink: object) -> None:
-        raise NotImplementedError
-
-    def pause_producing(self) -> None: ...
-
-    def resume_producing(self) -> None: ...
-
-    def abort(self) -> None: ...
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self.sent:
-            raise StopAsyncIteration
-        self.sent = True
-        self.clock.advance(self.delay)
-        return b"data: {}\n\n"
-
-
 async def test_a_stream_whose_first_byte_is_late_is_a_slow_call() -> None:
     clock = FakeClock()
 
     def stream(delay: float) -> Outcome:
         def outcome(target: Target) -> Response:
             headers = Headers([(b"content-type", b"text/event-stream")])
-            return Response(200, headers, ChunksAfter(clock, delay))
+            return Response(200, headers, StreamBody(chunks=1, clock=clock, delay=delay))
 
         return outcome
 
