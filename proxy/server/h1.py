@@ -109,7 +109,6 @@ class H1Connection(asyncio.Protocol):
     _headers: Headers
     _request_id: bytes | None  # the client's x-request-id
     _upgrade: bool  # an Upgrade header came
-    _header_room: int  # bytes the request line and headers may still take
     _head_reads: int  # bytes of the reads that continued an unfinished head
     _body: list[bytes]
     _chunked_body: bool  # Transfer-Encoding: chunked, so on_body counts against the limit
@@ -230,31 +229,27 @@ class H1Connection(asyncio.Protocol):
         self._headers = Headers()
         self._request_id = None
         self._upgrade = False
-        self._header_room = self._max_header_bytes
         self._head_reads = 0
         self._body = []
         self._chunked_body = False
-        self._body_room = self._max_body_bytes
 
+    # The head's size (URL, and name + value + 4 per header) is not counted as it comes: a head
+    # that fits in one read no larger than max_header_bytes cannot exceed it; any other is counted
+    # once complete (on_headers_complete), and one still incomplete is bounded by the bytes read
+    # for it (data_received).
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._header_room -= len(url)
-        if self._header_room < 0:
-            raise HeadersTooLarge("request line and headers are too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # Not counted here: a head that fits in one read no larger than max_header_bytes cannot
-        # exceed it; any other is counted once it is complete (on_headers_complete), and one still
-        # incomplete is bounded by the bytes read for it (data_received).
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         self._phase = BODY
-        if self._head_reads or self._read_len > self._max_header_bytes:  # see on_header
-            room = self._header_room
+        if self._head_reads or self._read_len > self._max_header_bytes:  # see on_url
+            size = len(self._url)
             for name, value in self._headers:
-                room -= len(name) + len(value) + 4
-            if room < 0:
+                size += len(name) + len(value) + 4
+            if size > self._max_header_bytes:
                 raise self._headers_too_large()
         expect = False
         for name, value in self._headers:  # one pass: the names the front acts on
@@ -270,6 +265,7 @@ class H1Connection(asyncio.Protocol):
                 if value.strip().lower() != b"chunked":
                     raise MalformedHttp("only 'Transfer-Encoding: chunked' is supported in requests")
                 self._chunked_body = True
+                self._body_room = self._max_body_bytes
             elif name == b"upgrade":
                 self._upgrade = True
             elif value.lower() != b"100-continue":  # expect
