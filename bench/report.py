@@ -80,12 +80,17 @@ class Row:
     bar: str = ""
     check: Check | None = None
     ratio: bool = True  # show sidecar / nginx
+    paired: float | None = None  # the median of per-round sidecar/nginx ratios: shown and checked
+
+    def sidecar_over_nginx(self) -> float | None:
+        _, on_nginx, on_sidecar = self.values
+        if self.paired is not None:
+            return self.paired
+        return on_sidecar / on_nginx if on_nginx and on_sidecar is not None else None
 
     def cells(self) -> tuple[str, ...]:
-        _, on_nginx, on_sidecar = self.values
-        ratio = "—"
-        if self.ratio and on_nginx and on_sidecar is not None:
-            ratio = f"{on_sidecar / on_nginx:.2f}"
+        quotient = self.sidecar_over_nginx() if self.ratio else None
+        ratio = "—" if quotient is None else f"{quotient:.2f}"
         ok = None if self.check is None else self.check(self.values)
         verdict = "" if ok is None else ("PASS" if ok else "**FAIL**")
         shown = (fmt(v, self.digits) for v in self.values)
@@ -104,12 +109,28 @@ def sidecar_at_most(limit: float, *, strict: bool = False) -> Check:
     return check
 
 
-def ratio_at_most(limit: float) -> Check:
+def ratio_at_most(limit: float, paired: float | None = None) -> Check:
+    """sidecar/nginx ≤ ``limit``: the ``paired`` ratio when the row has one, else of the values."""
+
     def check(values: Values) -> bool | None:
+        if paired is not None:
+            return paired <= limit
         n, s = values[1], values[2]
         return None if not n or s is None else s / n <= limit
 
     return check
+
+
+def paired_ratio(results: Sequence[TargetResult], scenario: Scenario) -> float | None:
+    """The median over the interleaved rounds of sidecar/nginx CPU per request, each round's two
+    runs side by side in time (None when ``scenario`` did not run in rounds)."""
+    by_name = {r.name: r for r in results}
+    nginx_result, sidecar_result = by_name.get("nginx"), by_name.get("sidecar")
+    if nginx_result is None or sidecar_result is None:
+        return None
+    a, b = nginx_result.cpu_rounds.get(scenario.key, []), sidecar_result.cpu_rounds.get(scenario.key, [])
+    ratios = [y / x for x, y in zip(a, b, strict=False) if x]
+    return statistics.median(ratios) if ratios else None
 
 
 def flatness(result: TargetResult) -> float | None:
@@ -156,7 +177,12 @@ def summary_rows(results: Sequence[TargetResult]) -> list[Row]:
         Row("Stream TTFB p99 (ms)", per(lambda r: percentile(r.ttfb_ms, 99)), 3),
         Row("Added TTFB p50 vs direct (ms)", added, 3, "sidecar ≤ 0.5 ms", sidecar_at_most(0.5)),
         Row(
-            "Proxy CPU µs/req, non-stream, 64 conns", cpu(NS64), 1, "sidecar/nginx ≤ 1.5", ratio_at_most(1.5)
+            "Proxy CPU µs/req, non-stream, 64 conns",
+            cpu(NS64),
+            1,
+            "sidecar/nginx ≤ 1.5",
+            ratio_at_most(1.5, paired_ratio(results, NS64)),
+            paired=paired_ratio(results, NS64),
         ),
         Row(
             "Proxy CPU µs/req, stream, 64 conns", cpu(STREAM64), 1, "sidecar/nginx ≤ 1.3", ratio_at_most(1.3)
@@ -169,8 +195,8 @@ def summary_rows(results: Sequence[TargetResult]) -> list[Row]:
             "sidecar < 40 MiB",
             sidecar_at_most(40, strict=True),
         ),
-        Row("Proxy CPU µs/req, non-stream, 8 conns", cpu(NS8), 1),
-        Row("Proxy CPU µs/req, non-stream, 256 conns", cpu(NS256), 1),
+        Row("Proxy CPU µs/req, non-stream, 8 conns", cpu(NS8), 1, paired=paired_ratio(results, NS8)),
+        Row("Proxy CPU µs/req, non-stream, 256 conns", cpu(NS256), 1, paired=paired_ratio(results, NS256)),
         Row(
             "CPU µs/req at 8/64/256 conns: max dev. from mean (%)",
             per(flatness),
@@ -247,8 +273,8 @@ def cpu_rounds_table(results: Sequence[TargetResult]) -> str:
         for i, (x, y) in enumerate(zip(a, b, strict=False)):
             rows.append((title, str(i + 1), fmt(x, 1), fmt(y, 1), f"{y / x:.2f}"))
         x_med, y_med = nginx_result.cpu_us(scenario), sidecar_result.cpu_us(scenario)
-        ratio = f"{y_med / x_med:.2f}" if x_med and y_med is not None else "—"
-        rows.append((title, "median", fmt(x_med, 1), fmt(y_med, 1), ratio))
+        paired = paired_ratio(results, scenario)
+        rows.append((title, "median", fmt(x_med, 1), fmt(y_med, 1), fmt(paired, 2)))
     header = ("run", "round", "nginx CPU µs/req", "sidecar CPU µs/req", "sidecar/nginx")
     return markdown_table(header, rows, right=2)
 
@@ -318,8 +344,9 @@ Method:
 - Proxy CPU = utime+stime from /proc (nginx: master + worker) over a run / requests wrk completed.
   The non-streaming CPU rows (8, 64, 256 conns; the 1.5× bar and flatness) are medians over
   {cpu_rounds_text(settings)}, nginx and the sidecar taking turns (nginx first, then the sidecar
-  first, …) after each server's own runs, so that drift on the machine hits both alike; every round is listed
-  under "CPU rounds". The other CPU rows come from the one run of each server.
+  first, …) after each server's own runs, so that drift on the machine hits both alike; their
+  sidecar/nginx (and the bar) is the median of the rounds' own ratios, each of two runs side by
+  side in time. Every round is under "CPU rounds". The other CPU rows come from one run each.
 - Peak RSS = VmHWM (nginx: master + worker).
 - Streams: 20 chunks back to back (`x-mock-chunks: 20`, the bar) and 20 chunks 1 ms apart
   (`x-mock-delay-ms: 1`, as tokens come from a model): back-to-back events coalesce into fewer reads
