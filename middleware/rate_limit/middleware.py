@@ -87,12 +87,13 @@ class RateLimit:
             if data.get("stream") is True and self.cfg.stream_usage:
                 strip = ask_for_stream_usage(request, data)
 
-        ticket = await self.backend.acquire(Ask(scope, model, key_id, spec, cost.total))
+        reserved = cost.total
+        ticket = await self.backend.acquire(Ask(scope, model, key_id, spec, reserved))
         decision = ticket.decision
         headers = ratelimit_headers(spec, decision) if decision is not None else []
         if decision is not None and not decision.allowed:
             raise RateLimited(
-                _message(decision, spec, model, key_id, cost.total),
+                _message(decision, spec, model, key_id, reserved),
                 kind="tokens" if decision.reason in ("tokens", "too_large") else "requests",
                 headers=headers + retry_headers(decision.retry_after_s),
             )
@@ -112,7 +113,7 @@ class RateLimit:
             answer_headers.extend(headers)
         settle_response(
             response,
-            cost.total,
+            reserved,
             cost.prompt,
             strip,
             self.cfg.max_usage_body_bytes,

@@ -180,7 +180,9 @@ class ScriptBatcher:
                 if not reused:
                     raise
                 replies = await conn.exchange(commands, deadline)  # it had died idle: once more
-            missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+            missing = []
+            if conn.errors:  # rare: no scan of the replies otherwise
+                missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
             if missing:
                 [loaded] = await conn.exchange([LOAD_SCRIPT], deadline)
                 if isinstance(loaded, Exception):

@@ -77,6 +77,7 @@ class RedisConnection:
         self._waiter: asyncio.Future[list[Any]] | None = None
         self._want = 0
         self._replies: list[Any] = []
+        self.errors = 0  # error replies among the last exchange's
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
 
@@ -96,10 +97,11 @@ class RedisConnection:
         except BaseException:
             self.disconnect()
             raise
-        for reply in replies:
-            if isinstance(reply, BusyLoadingError):  # the server is not serving yet: a failed trip
-                self.disconnect()
-                raise reply
+        if self.errors:
+            for reply in replies:
+                if isinstance(reply, BusyLoadingError):  # the server is not serving yet: a failed trip
+                    self.disconnect()
+                    raise reply
         return replies
 
     def _send(self, commands: list[bytes], deadline: float) -> asyncio.Future[list[Any]]:
@@ -107,7 +109,7 @@ class RedisConnection:
         assert link is not None and self._waiter is None
         loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
-        self._want, self._replies = len(commands), []
+        self._want, self._replies, self.errors = len(commands), [], 0
         self._deadline = deadline
         if self._timer is None:
             self._timer = loop.call_at(deadline, self._check_deadline)
@@ -143,11 +145,14 @@ class RedisConnection:
         if waiter is None:
             self._fail(ConnectionError("Redis sent a reply nobody asked for"))
             return
-        self._replies.append(reply)
-        if len(self._replies) == self._want:
+        replies = self._replies
+        replies.append(reply)
+        if isinstance(reply, Exception):
+            self.errors += 1
+        if len(replies) == self._want:
             self._waiter = None
             if not waiter.done():
-                waiter.set_result(self._replies)
+                waiter.set_result(replies)
 
     def _lost(self, link: _Link, exc: BaseException | None) -> None:
         if link is self._link:
