@@ -14,7 +14,7 @@ behind) refills nothing and leaves ``updated`` where it was, until time passes i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, Literal
 
 Reason = Literal["", "requests", "tokens", "in_flight", "too_large"]
@@ -26,6 +26,10 @@ IN_FLIGHT_RETRY_S: Final = 1.0
 class Rate:
     per_minute: int  # the limit as configured, shown in x-ratelimit-limit-*
     capacity: float  # the bucket size (burst)
+    shown: bytes = field(init=False, repr=False, compare=False)  # per_minute as a header value
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shown", b"%d" % self.per_minute)  # once, not per response
 
     @property
     def per_second(self) -> float:

@@ -42,16 +42,21 @@ def reset_value(seconds: float) -> bytes:
 
 def ratelimit_headers(spec: LimitSpec, decision: Decision) -> Headers:
     req, tok = spec.requests, spec.tokens
-    headers: Headers = []
+    requests: Headers = []
     if req is not None:
-        headers.append((b"x-ratelimit-limit-requests", b"%d" % req.per_minute))
-        headers.append((b"x-ratelimit-remaining-requests", b"%d" % decision.requests_remaining))
-        headers.append((b"x-ratelimit-reset-requests", reset_value(decision.requests_reset_s)))
-    if tok is not None:
-        headers.append((b"x-ratelimit-limit-tokens", b"%d" % tok.per_minute))
-        headers.append((b"x-ratelimit-remaining-tokens", b"%d" % decision.tokens_remaining))
-        headers.append((b"x-ratelimit-reset-tokens", reset_value(decision.tokens_reset_s)))
-    return headers
+        requests = [
+            (b"x-ratelimit-limit-requests", req.shown),
+            (b"x-ratelimit-remaining-requests", b"%d" % decision.requests_remaining),
+            (b"x-ratelimit-reset-requests", reset_value(decision.requests_reset_s)),
+        ]
+    if tok is None:
+        return requests
+    return [
+        *requests,
+        (b"x-ratelimit-limit-tokens", tok.shown),
+        (b"x-ratelimit-remaining-tokens", b"%d" % decision.tokens_remaining),
+        (b"x-ratelimit-reset-tokens", reset_value(decision.tokens_reset_s)),
+    ]
 
 
 def retry_headers(seconds: float) -> Headers:
