@@ -58,7 +58,15 @@ H2_CLIENT_PREFACE = H2_PREFACE + b"\r\n\r\nSM\r\n\r\n"  # HTTP/2 with prior know
 _Item = tuple[Request, bool, bool]  # (request, keep_alive, http11)
 # Request headers the front itself looks at, found in one pass over the head.
 _WATCHED: frozenset[bytes] = frozenset(
-    {b"transfer-encoding", b"content-length", b"expect", b"x-request-id", b"upgrade"}
+    {
+        b"transfer-encoding",
+        b"content-length",
+        b"expect",
+        b"x-request-id",
+        b"upgrade",
+        b"connection",
+        b"proxy-connection",
+    }
 )
 
 
@@ -109,6 +117,7 @@ class H1Connection(asyncio.Protocol):
     _headers: Headers
     _request_id: bytes | None  # the client's x-request-id
     _upgrade: bool  # an Upgrade header came
+    _connection: bool  # a Connection (or Proxy-Connection) header came
     _head_reads: int  # bytes of the reads that continued an unfinished head
     _body: list[bytes]
     _chunked_body: bool  # Transfer-Encoding: chunked, so on_body counts against the limit
@@ -229,6 +238,7 @@ class H1Connection(asyncio.Protocol):
         self._headers = Headers()
         self._request_id = None
         self._upgrade = False
+        self._connection = False
         self._head_reads = 0
         self._body = []
         self._chunked_body = False
@@ -268,6 +278,8 @@ class H1Connection(asyncio.Protocol):
                 self._body_room = self._max_body_bytes
             elif name == b"upgrade":
                 self._upgrade = True
+            elif name == b"connection" or name == b"proxy-connection":
+                self._connection = True
             elif value.lower() != b"100-continue":  # expect
                 raise MalformedHttp("unsupported Expect header")
             else:
@@ -305,7 +317,9 @@ class H1Connection(asyncio.Protocol):
             RequestContext(rid, self.peer, self.loop.time()),
         )
         keep_alive = parser.should_keep_alive()
-        http11 = parser.get_http_version() == "1.1"
+        # HTTP/1.0 keeps a connection alive only when a Connection header asks to: without one, a
+        # keep-alive request is HTTP/1.1 (get_http_version formats a string: a dear call).
+        http11 = (keep_alive and not self._connection) or parser.get_http_version() == "1.1"
         self._phase = BUSY
         self._deadline = INF
         self._deadline_phase = BUSY
