@@ -4,7 +4,8 @@ A callback per parsed message; one task per connection (``_serve``, made at its 
 runs the chain for each request in turn, woken by a future (no task per request: making one costs
 more than much of the rest of the front's work); the response head and a bytes body go out in one
 write; a streamed upstream body is piped into the transport by callbacks (``BodySink``), with
-pause/resume reading for backpressure both ways.
+pause/resume reading for backpressure both ways. (So the requests of one connection share one task
+and its contextvars context: a middleware that sets a ContextVar should reset it.)
 
 Requests are answered in order (pipelining): parsed requests wait in ``_queue`` (at most
 ``limits.max_pipelined``, then reading pauses). Timeouts use one timer per connection that
