@@ -267,7 +267,9 @@ def section(result: RateLimitResult) -> str:
 
 - Two fresh sidecars in front of the same mock, on the proxy CPU: "off" without middleware, "on" with
   `auth` (one key) and `rate_limit` (`backend: redis`, requests, tokens and in-flight limits far above
-  the load: an admission and a settlement per request, nothing refused). Redis: {result.redis}.
+  the load: an admission and a settlement per request, nothing refused). Redis: {result.redis};
+  one the bench does not start is not pinned, so it may run on the proxy's CPU (p50 shows it more
+  than CPU per request does).
 - wrk as above, `Authorization: Bearer …` on every request to both; {result.rounds} interleaved rounds
   (off/on, then on/off), medians shown. Bars: CPU on/off ≤ {CPU_BAR}, added p50 ≤ {P50_BAR_MS} ms at 8 conns.
 
