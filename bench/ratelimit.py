@@ -23,22 +23,20 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
 
+from bench.alone import run_alone
 from bench.common import HOST, SHORT, BenchError, Settings, request_bytes, say
 from bench.procs import (
     Children,
     Tools,
     apt_install,
     cpu_seconds,
-    ensure_tools,
     find_tool,
     free_port,
-    raise_fd_limit,
     wait_ready,
 )
 from bench.report import fmt, markdown_table
@@ -277,27 +275,5 @@ def section(result: RateLimitResult) -> str:
 """
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m bench.ratelimit [bench.run's options]``: these rows alone, printed, nothing written."""
-    import tempfile
-
-    from bench.run import parse_args
-    from bench.servers import start_mock
-
-    settings = parse_args(sys.argv[1:] if argv is None else argv)
-    raise_fd_limit()
-    tools = ensure_tools()
-    try:
-        with tempfile.TemporaryDirectory(prefix="llm-sidecar-bench-") as tmp, Children(Path(tmp)) as children:
-            os.sched_setaffinity(0, {settings.load_cpu})
-            mock = start_mock(children, settings.load_cpu)
-            result = measure_rate_limit(children, Path(tmp), mock, tools, settings)
-    except BenchError as e:
-        say(f"bench failed: {e}")
-        return 1
-    print(section(result))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_alone(measure_rate_limit, section))
