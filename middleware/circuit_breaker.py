@@ -28,7 +28,7 @@ import math
 from dataclasses import dataclass
 
 from middleware.breaker_share import BreakerShare, SharedBreakerConfig
-from middleware.circuit_state import CircuitState, TripRules
+from middleware.circuit_state import CLOSED, CircuitState, TripRules
 from proxy.body import tap_body
 from proxy.chain import Handler
 from proxy.config import opt
@@ -80,6 +80,8 @@ class CircuitBreaker:
         self.clock = ctx.clock
         self.slow_call_s = config.slow_call_s
         self.slow_non_stream_s = config.slow_call_non_stream_s
+        # An answer quicker than this is not slow by either rule (no need to look at its headers).
+        self._never_slow_below = min(config.slow_call_s, config.slow_call_non_stream_s or math.inf)
         self.count_429 = config.count_429
         rules = TripRules(
             consecutive_failures=config.consecutive_failures,
@@ -108,11 +110,18 @@ class CircuitBreaker:
             model = requested_model(request)
             if model is None:  # files, batches…: the default upstream, no breaker
                 return await next(request)
-            target = self.router.pick(model, self.rng, ctx.tried, self._healthy)
+            route = None if ctx.tried else self.router.routes.get(model)
+            if route is not None:  # the usual first attempt: a weighted draw, kept when closed
+                target = route.pick(self.rng)
+                if self.breakers[target.upstream].state != CLOSED:
+                    target = None
             if target is None:
-                raise self._none_left(model)
+                target = self.router.pick(model, self.rng, ctx.tried, self._healthy)
+                if target is None:
+                    raise self._none_left(model)
         breaker = self.breakers[target.upstream]
-        if not breaker.acquire():  # a target set earlier in the chain (canary): let retry fail over
+        if breaker.state != CLOSED and not breaker.acquire():  # (closed lets everything through)
+            # a target set earlier in the chain (canary) whose breaker is open: let retry fail over
             raise UpstreamUnavailable(f"the circuit breaker of upstream {target.upstream!r} is open")
         ctx.target = target
         started = self.clock.now()
@@ -131,24 +140,31 @@ class CircuitBreaker:
         if status >= 500 or (status == 429 and self.count_429):
             self.record_failure(breaker, target.upstream, None)
             return response
+        now = self.clock.now()
+        elapsed = now - started
         body = response.body
+        if isinstance(body, bytes):  # the whole answer came with the head
+            slow = elapsed > self._never_slow_below and self._slow_whole(response, elapsed)
+            self.record_success(breaker, target.upstream, slow, now)
+            return response
         if is_event_stream(response):
-            if isinstance(body, bytes):  # the whole stream came with the head
-                slow: bool | None = self.clock.now() - started > self.slow_call_s
-            else:
-                slow = None  # decided by the first body chunk
+            streamed_slow: bool | None = None  # decided by the first body chunk
         else:
             limit = self.slow_non_stream_s
-            slow = limit is not None and self.clock.now() - started > limit
-        if isinstance(body, bytes):
-            self.record_success(breaker, target.upstream, bool(slow))
-        else:
-            response.body = tap_body(body, _StreamOutcome(self, breaker, target.upstream, started, slow))
+            streamed_slow = limit is not None and elapsed > limit
+        response.body = tap_body(body, _StreamOutcome(self, breaker, target.upstream, started, streamed_slow))
         return response
 
-    def record_success(self, breaker: CircuitState, upstream: str, slow: bool) -> None:
+    def _slow_whole(self, response: Response, elapsed: float) -> bool:
+        """A whole answer ``elapsed`` after the request: slow by the stream or non-stream rule?"""
+        if is_event_stream(response):
+            return elapsed > self.slow_call_s
+        limit = self.slow_non_stream_s
+        return limit is not None and elapsed > limit
+
+    def record_success(self, breaker: CircuitState, upstream: str, slow: bool, now: float) -> None:
         trips = breaker.trips
-        breaker.success(slow)
+        breaker.success(slow, now)
         if breaker.trips != trips:
             self._opened(breaker, upstream, "slow calls")
 
@@ -213,7 +229,7 @@ class _StreamOutcome:
     def end(self, exc: BaseException | None) -> bytes:
         if exc is None:
             slow = self._first_byte() if self.slow is None else self.slow
-            self.middleware.record_success(self.breaker, self.upstream, slow)
+            self.middleware.record_success(self.breaker, self.upstream, slow, self.middleware.clock.now())
         elif isinstance(exc, asyncio.CancelledError) or not getattr(exc, "upstream_fault", False):
             self.breaker.release()  # the client left: no verdict on the upstream
         else:

@@ -107,26 +107,32 @@ class CircuitState:
         return max(0.0, self.opened_at + self.rules.open_s - self.clock.now())
 
     # -- outcomes ----------------------------------------------------------------------------------
-    def success(self, slow: bool = False) -> None:
-        if self.state == HALF_OPEN:
-            self.probes_out -= 1
-            if slow:
-                self._open()
+    def success(self, slow: bool = False, now: float | None = None) -> None:
+        """A call ended well (``slow``: but slowly); ``now``: the clock's time, when the caller has it."""
+        if self.state == CLOSED:  # the hot path: count it in this second's bucket, no call
+            self.consecutive = 0
+            second = int(self.clock.now() if now is None else now)
+            i = second % len(self._stamps)
+            if self._stamps[i] == second:
+                self._calls[i] += 1
+            else:
+                self._count(failed=False, now=now)
+            if not slow:
+                self.slow_streak = 0
                 return
-            self.probes_passed += 1
-            if self.probes_passed >= self.rules.half_open_probes:
-                self._close()
-            return
-        if self.state == OPEN:
-            return  # a call let through before it opened: no news
-        self.consecutive = 0
-        self._count(failed=False)
-        if slow:
             self.slow_streak += 1
             if self.slow_streak >= self.rules.slow_calls:
                 self._open()
-        else:
-            self.slow_streak = 0
+            return
+        if self.state == OPEN:
+            return  # a call let through before it opened: no news
+        self.probes_out -= 1  # half-open: a probe came back
+        if slow:
+            self._open()
+            return
+        self.probes_passed += 1
+        if self.probes_passed >= self.rules.half_open_probes:
+            self._close()
 
     def failure(self) -> None:
         if self.state == HALF_OPEN:
@@ -161,9 +167,9 @@ class CircuitState:
         self.opened_at = until - self.rules.open_s
 
     # -- internals ---------------------------------------------------------------------------------
-    def _count(self, failed: bool) -> tuple[int, int]:
+    def _count(self, failed: bool, now: float | None = None) -> tuple[int, int]:
         """Count one call in the window; returns the window's (calls, failures) when ``failed``."""
-        second = int(self.clock.now())
+        second = int(self.clock.now() if now is None else now)
         n = len(self._stamps)
         i = second % n
         if self._stamps[i] != second:

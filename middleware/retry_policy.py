@@ -60,7 +60,11 @@ class RetryBudget:
 
     def request(self, now: float) -> None:
         """A request came in (its first attempt)."""
-        self._requests[self._bucket(now)] += 1
+        second = int(now)
+        i = second % len(self._stamps)
+        if self._stamps[i] != second:
+            i = self._bucket(now)
+        self._requests[i] += 1
 
     def try_retry(self, now: float) -> bool:
         """May one more retry go out now? If so, it is counted."""
