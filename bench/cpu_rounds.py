@@ -1,11 +1,12 @@
-"""Proxy CPU per non-streaming request, nginx and the sidecar taking turns: the summary's CPU rows.
+"""Proxy CPU per request, nginx and the sidecar taking turns: the summary's barred CPU rows.
 
 The wrk runs of ``bench.run`` go server after server, so whatever else the machine does drifts
 between nginx's runs and the sidecar's (±10 % seen here from one run to the next): enough to move
 the CPU ratio across its bar. Here the two proxies are loaded in rounds, nginx then the sidecar,
 then the sidecar then nginx (ABBA: a drift that is linear in time hits both alike), each round
-every non-streaming scenario (8, 64 and 256 connections); the summary takes each proxy's median
-over the rounds. ``bench.report`` shows every round.
+every non-streaming scenario (8, 64 and 256 connections) and the 20-chunk stream at 64 (whose CPU per
+request swings most from run to run); the summary takes each proxy's median over the rounds and
+each bar the median of the rounds' own ratios. ``bench.report`` shows every round.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from bench.servers import Target
-from bench.wrk import NS8, NS64, NS256, Scenario
+from bench.wrk import NS8, NS64, NS256, STREAM64, Scenario
 
-SCENARIOS = (NS64, NS8, NS256)
+SCENARIOS = (NS64, NS8, NS256, STREAM64)
 
 
 def rounds_for(duration_s: int) -> tuple[int, int]:

@@ -15,7 +15,7 @@ missing or a server does not start or dies; 130 on Ctrl-C. Every child process i
 
 The parts: ``bench.procs`` (tools, child processes, /proc), ``bench.servers`` (the three servers),
 ``bench.wrk`` (the runs and wrk), ``bench.cpu_rounds`` (nginx and the sidecar taking turns for the
-non-streaming CPU rows), ``bench.ttfb`` (the stream client), ``bench.report`` (the table,
+barred CPU rows), ``bench.ttfb`` (the stream client), ``bench.report`` (the table,
 the markdown page, the plot) and ``bench.nginx`` (nginx's config); this module is the command line
 and the order of one run.
 """
@@ -136,7 +136,7 @@ def measure_all(settings: Settings, tools: Tools, sections: list[str]) -> list[T
             check_target(target)
         os.sched_setaffinity(0, {settings.load_cpu})  # the stream client is load generator too
         results = [measure_with_wrk(target, tools, settings, workdir) for target in targets]
-        say("proxy CPU per non-streaming request: nginx and the sidecar taking turns (bench.cpu_rounds)")
+        say("proxy CPU per request: nginx and the sidecar taking turns (bench.cpu_rounds)")
         rounds = measure_cpu_rounds(
             targets[1:],
             lambda t, s, seconds: measured_run(t, s, tools, settings, workdir, seconds).cpu_us,
