@@ -19,12 +19,12 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import redis.asyncio
 from redis.exceptions import RedisError
 
 from middleware.circuit_state import CircuitState
+from middleware.redis_url import redis_problems
 from proxy.clock import Clock
 from proxy.config import opt, req
 
@@ -39,14 +39,7 @@ class SharedBreakerConfig:
     timeout_ms: float = opt(200.0, "longest wait for one round trip to Redis", min=1)
 
     def validate(self) -> list[tuple[str, str]]:
-        problems = []
-        if urlsplit(self.url).scheme not in ("redis", "rediss", "unix"):
-            problems.append(
-                ("url", f"must be redis://host:port/db, rediss://… or unix://…, got {self.url!r}")
-            )
-        if "{" in self.key_prefix or "}" in self.key_prefix:
-            problems.append(("key_prefix", "must not contain '{' or '}' (the keys carry their own hash tag)"))
-        return problems
+        return redis_problems(self.url, self.key_prefix)
 
 
 class BreakerShare:

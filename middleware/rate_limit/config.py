@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
-from urllib.parse import urlsplit
 
 from middleware.rate_limit.bucket import LimitSpec, Rate
+from middleware.redis_url import redis_problems
 from proxy.config import opt
 from proxy.identity import KeyLimits
 
@@ -30,16 +30,7 @@ class RedisConfig:
     )
 
     def validate(self) -> list[tuple[str, str]]:
-        problems = []
-        if urlsplit(self.url).scheme not in ("redis", "rediss", "unix"):
-            problems.append(
-                ("url", f"must be redis://host:port/db, rediss://… or unix://…, got {self.url!r}")
-            )
-        if "{" in self.key_prefix or "}" in self.key_prefix:
-            problems.append(
-                ("key_prefix", "must not contain '{' or '}' (they mark the Redis Cluster hash tag)")
-            )
-        return problems
+        return redis_problems(self.url, self.key_prefix)
 
 
 @dataclass(frozen=True)
