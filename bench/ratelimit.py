@@ -23,6 +23,7 @@ import statistics
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,6 +171,31 @@ def sample(target: Target, scenario: Scenario, tools: Tools, settings: Settings,
     return out
 
 
+def off_on_rounds(
+    off: Target,
+    on: Target,
+    scenarios: Sequence[Scenario],
+    rounds: int,
+    tools: Tools,
+    settings: Settings,
+    workdir: Path,
+) -> dict[tuple[str, str], list[Sample]]:
+    """Both sidecars warmed up with ``scenarios[0]``, then loaded in ``rounds`` interleaved rounds
+    (off/on, then on/off: a drift linear in time hits both alike): their samples by (side, scenario)."""
+    for target in (off, on):
+        run_wrk(tools.wrk, target, scenarios[0], settings.warmup_s, workdir, settings.load_cpu)
+    samples: dict[tuple[str, str], list[Sample]] = {}
+    for turn in range(rounds):
+        pair = (off, on) if turn % 2 == 0 else (on, off)
+        for scenario in scenarios:
+            for target in pair:
+                side = "on" if target is on else "off"
+                samples.setdefault((side, scenario.key), []).append(
+                    sample(target, scenario, tools, settings, workdir)
+                )
+    return samples
+
+
 def measure_rate_limit(
     children: Children, workdir: Path, mock: Target, tools: Tools, settings: Settings
 ) -> RateLimitResult:
@@ -183,16 +209,7 @@ def measure_rate_limit(
     rounds = 2 if settings.duration_s <= 2 else 4
     out = RateLimitResult(f"{url} ({whose})", rounds)
     say(f"auth + rate_limit (Redis at {url}, {whose}) off vs on: {rounds} interleaved rounds")
-    for target in (off, on):
-        run_wrk(tools.wrk, target, RL64, settings.warmup_s, workdir, settings.load_cpu)
-    for turn in range(rounds):
-        pair = (off, on) if turn % 2 == 0 else (on, off)  # ABBA: a linear drift hits both alike
-        for scenario in SCENARIOS:
-            for target in pair:
-                side = "on" if target is on else "off"
-                out.samples.setdefault((side, scenario.key), []).append(
-                    sample(target, scenario, tools, settings, workdir)
-                )
+    out.samples = off_on_rounds(off, on, SCENARIOS, rounds, tools, settings, workdir)
     time.sleep(0.1)  # let the last log lines land
     out.redis_failures = children.log_path(on.name).read_text(errors="replace").count("failed (")
     for target in (on, off):

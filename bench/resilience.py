@@ -19,10 +19,10 @@ from pathlib import Path
 from bench.alone import run_alone
 from bench.common import HOST, Settings, say
 from bench.procs import Children, Tools
-from bench.ratelimit import Sample, sample, start_sidecar
+from bench.ratelimit import Sample, off_on_rounds, start_sidecar
 from bench.report import fmt, markdown_table
 from bench.servers import SIDECAR_CONFIG, Target
-from bench.wrk import NS64, STREAM64, Scenario, run_wrk
+from bench.wrk import NS64, STREAM64, Scenario
 
 CPU_BAR = 1.15  # CPU µs/request on ÷ off, non-stream at 64 connections
 SCENARIOS = (NS64, STREAM64)
@@ -55,16 +55,7 @@ def measure_resilience(
     rounds = 2 if settings.duration_s <= 2 else 4
     out = ResilienceResult(rounds)
     say(f"retry + circuit_breaker off vs on: {rounds} interleaved rounds")
-    for target in (off, on):
-        run_wrk(tools.wrk, target, NS64, settings.warmup_s, workdir, settings.load_cpu)
-    for turn in range(rounds):
-        pair = (off, on) if turn % 2 == 0 else (on, off)  # ABBA: a linear drift hits both alike
-        for scenario in SCENARIOS:
-            for target in pair:
-                side = "on" if target is on else "off"
-                out.samples.setdefault((side, scenario.key), []).append(
-                    sample(target, scenario, tools, settings, workdir)
-                )
+    out.samples = off_on_rounds(off, on, SCENARIOS, rounds, tools, settings, workdir)
     for target in (on, off):
         children.stop(target.proc)
     return out
