@@ -1,8 +1,8 @@
-"""The model a request names, read the way the forwarder routes it (JSON or multipart body).
+"""The model a request names, read one way for everyone (JSON or multipart body).
 
-Middleware that decide by model (auth's allowed models, rate-limit buckets) use this, so that what
-they check is what gets routed: a mislabelled JSON body is still read as JSON. The JSON body is
-parsed once and cached on the request (``Request.json``); the forwarder reuses it.
+The forwarder routes by it and middleware decide by it (auth's allowed models, rate-limit buckets,
+circuit breakers), so what they check is what gets routed: a mislabelled JSON body is still read as
+JSON. The JSON body is parsed once and cached on the request (``Request.json``).
 """
 
 from __future__ import annotations
@@ -13,67 +13,49 @@ from proxy.errors import InvalidRequest
 from proxy.http import Request
 from proxy.multipart import boundary_of, find_model
 
+_NO_BODY = frozenset({"GET", "HEAD", "DELETE"})
+
+# (model, the JSON body parsed, the model's (start, end) in a multipart body)
+ModelRead = tuple[str | None, dict[str, Any] | None, tuple[int, int] | None]
+
+
+def read_model(request: Request) -> ModelRead:
+    """The client's ``model`` (None when the request names none: files, batches, GETs), with the
+    JSON body it came from, or its place in a multipart body (for the forwarder's rewrite).
+
+    Raises InvalidRequest (400) for a JSON body that does not parse, is not an object, or whose
+    ``model`` is not a string.
+    """
+    body = request.body
+    if not body or request.method in _NO_BODY:
+        return None, None, None
+    content_type = request.headers.get(b"content-type")
+    if content_type is not None and not content_type.startswith(b"application/json"):
+        boundary = boundary_of(content_type)
+        if boundary is not None:
+            span = find_model(body, boundary)
+            if span is None:
+                return None, None, None
+            return body[span[0] : span[1]].decode("utf-8", "replace"), None, span
+        # Parse whatever looks like JSON whatever its content-type says, so that a mislabelled
+        # body cannot slip past routing (and the model checks of auth) to the default upstream.
+        if b"+json" not in content_type and body.lstrip()[:1] != b"{":
+            return None, None, None
+    data = request.json()
+    if not isinstance(data, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    value = data.get("model")
+    if value is not None and not isinstance(value, str):
+        raise InvalidRequest("'model' must be a string", param="model")
+    return value, data, None
+
 
 def requested_model(request: Request) -> str | None:
-    """The client's ``model``, or None when the request names none (files, batches, GETs).
-
-    Raises InvalidRequest (400) for a body the forwarder would reject as well.
-    """
-    return model_and_json(request)[0]
+    """The client's ``model``, or None when the request names none (see :func:`read_model`)."""
+    return read_model(request)[0]
 
 
 def model_and_json(request: Request) -> tuple[str | None, dict[str, Any] | None]:
     """The client's ``model`` and, for a JSON body, the body parsed (a multipart one: None)."""
-    body = request.body
-    if not body or request.method in _NO_BODY:
-        return None, None
-    content_type = request.headers.get(b"content-type")
-    if content_type is None or content_type.startswith(b"application/json"):
-        data = request.json()  # the usual case, labelled JSON: no multipart check needed
-        if not isinstance(data, dict):
-            raise InvalidRequest("request body must be a JSON object")
-        value = data.get("model")
-        if value is not None and not isinstance(value, str):
-            raise InvalidRequest("'model' must be a string", param="model")
-        return value, data
-    boundary = boundary_of(content_type)
-    if boundary is not None:
-        span = find_model(body, boundary)
-        return None if span is None else body[span[0] : span[1]].decode("utf-8", "replace"), None
-    data = _json_object(request, body, content_type)
-    if data is None:
-        return None, None
-    value = data.get("model")
-    if value is not None and not isinstance(value, str):
-        raise InvalidRequest("'model' must be a string", param="model")
-    return value, data
-
-
-def json_body(request: Request) -> dict[str, Any] | None:
-    """The body as a JSON object when the forwarder would read it as JSON, else None.
-
-    Raises InvalidRequest (400) for JSON that is not an object or does not parse.
-    """
-    body = request.body
-    if not body or request.method in _NO_BODY:
-        return None
-    content_type = request.headers.get(b"content-type")
-    if content_type is not None and boundary_of(content_type) is not None:
-        return None
-    return _json_object(request, body, content_type)
-
-
-_NO_BODY = frozenset({"GET", "HEAD", "DELETE"})
-
-
-def _json_object(request: Request, body: bytes, content_type: bytes | None) -> dict[str, Any] | None:
-    """The body parsed (once: ``Request.json``) when it is labelled JSON or looks like it."""
-    labelled = (
-        content_type is None or content_type.startswith(b"application/json") or b"+json" in content_type
-    )
-    if not labelled and body.lstrip()[:1] != b"{":
-        return None
-    data = request.json()
-    if not isinstance(data, dict):
-        raise InvalidRequest("request body must be a JSON object")
-    return data
+    model, data, _ = read_model(request)
+    return model, data
