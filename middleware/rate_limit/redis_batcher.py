@@ -27,7 +27,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
-from redis.exceptions import ClusterDownError, ConnectionError, NoScriptError, RedisError, TryAgainError
+from redis.exceptions import ClusterDownError, NoScriptError, RedisError, TryAgainError
 
 from middleware.rate_limit import lua
 from middleware.rate_limit.redis_conn import Endpoint, RedisConnection
@@ -173,13 +173,10 @@ class ScriptBatcher:
         deadline = asyncio.get_running_loop().time() + self.timeout_s
         try:
             commands = [call[0] for call in batch]
-            reused = conn.is_connected
-            try:
-                replies = await conn.exchange(commands, deadline)
-            except ConnectionError:
-                if not reused:
-                    raise
-                replies = await conn.exchange(commands, deadline)  # it had died idle: once more
+            # No second try: a connection lost during the trip may have run the batch already, and
+            # a lost answer must not take (or refund) twice. One the server closed while idle is
+            # dropped as it closes (connection_lost), so the next trip opens a new one.
+            replies = await conn.exchange(commands, deadline)
             missing = []
             if conn.errors:  # rare: no scan of the replies otherwise
                 missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]

@@ -62,6 +62,8 @@ class ReplyParser:
             reply, self._pos = self._parse(self._pos)
         except IndexError:  # incomplete
             return NOT_YET
+        except ValueError:  # a length or an integer that is not a number
+            raise InvalidResponse("Protocol error: a length or integer that is not a number") from None
         if self._pos == len(self._buf):
             self._buf, self._pos = b"", 0
         return reply

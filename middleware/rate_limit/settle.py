@@ -12,9 +12,7 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
-from typing import Final
 
 from proxy.body import tap_body
 from proxy.http import Response
@@ -23,18 +21,13 @@ from proxy.usage import usage_of_json
 
 Settle = Callable[[int], None]  # called once with the tokens the request really used
 
-# ``"usage": {…"total_tokens": N`` with no nested object before it, as OpenAI and vLLM write it.
-# Inside a JSON string quotes are escaped, so these bytes can only be keys of the answer itself.
-_USAGE_TOTAL: Final = re.compile(rb'"usage"\s*:\s*\{[^{}]*?"total_tokens"\s*:\s*(\d+)\s*[,}]')
-
 
 def json_total_tokens(body: bytes) -> int | None:
     """The ``usage.total_tokens`` of a complete JSON answer, or None (no usage, or not JSON).
-    Read straight from the bytes when it is written in the usual order, a few times cheaper than
-    parsing the whole answer (proxy.usage, which handles every other shape, does it otherwise)."""
-    found = _USAGE_TOTAL.search(body)
-    if found is not None:
-        return int(found.group(1))
+
+    The whole answer is parsed: reading ``"usage": {…}`` straight from the bytes was cheaper, but
+    it also matched a ``usage`` object nested in what an answer repeats of the client's request
+    (a Responses API answer echoes its ``tools``), which let a client choose its own charge."""
     usage = usage_of_json(body)
     return None if usage is None else usage.total_tokens
 

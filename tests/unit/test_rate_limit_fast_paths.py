@@ -1,5 +1,5 @@
-"""The rate limiter's per-request shortcuts give what the plain way gives: usage read from the bytes
-of an answer (settle.json_total_tokens), reset headers (headers.reset_value) and the prompt estimate
+"""The rate limiter's per-request shortcuts give what the plain way gives: the usage of an answer
+(settle.json_total_tokens), reset headers (headers.reset_value) and the prompt estimate
 (estimate._text, a loop) against a plain recursive count."""
 
 from __future__ import annotations
@@ -47,8 +47,15 @@ def test_usage_read_from_the_bytes_matches_the_parsed_answer(body: bytes) -> Non
     assert json_total_tokens(body) == expected(body)
 
 
-def test_the_rest_of_the_answer_is_not_checked_once_its_usage_is_read() -> None:
-    assert json_total_tokens(b'{"usage": {"total_tokens": 8}') == 8  # the final brace is missing
+def test_a_usage_the_answer_echoes_from_the_request_does_not_set_the_charge() -> None:
+    # A Responses API answer repeats the client's tools: a "usage" inside them is the client's.
+    tools = [{"type": "function", "name": "f", "parameters": {"usage": {"total_tokens": 0}}}]
+    body = orjson.dumps({"tools": tools, "usage": {"input_tokens": 7000, "output_tokens": 1000}})
+    assert json_total_tokens(body) == 8000
+
+
+def test_an_answer_cut_short_has_no_usage() -> None:
+    assert json_total_tokens(b'{"usage": {"total_tokens": 8}') is None  # the final brace is missing
 
 
 def test_a_usage_quoted_in_the_content_is_not_read() -> None:

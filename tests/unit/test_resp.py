@@ -96,8 +96,9 @@ def test_error_replies_are_redis_py_exceptions_returned_not_raised(line: bytes, 
     assert isinstance(reply, ResponseError | BusyLoadingError)
 
 
-def test_a_reply_of_an_unknown_kind_is_a_protocol_error() -> None:
+@pytest.mark.parametrize("reply", [b"%1\r\n", b"$abc\r\n", b":1x\r\n", b"*two\r\n"])
+def test_a_reply_of_an_unknown_kind_or_a_bad_number_is_a_protocol_error(reply: bytes) -> None:
     parser = ReplyParser()
-    parser.feed(b"%1\r\n")
+    parser.feed(reply)
     with pytest.raises(InvalidResponse):
         parser.gets()
