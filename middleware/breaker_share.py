@@ -3,7 +3,7 @@
 When a breaker here opens, the other sidecars learn it within ``poll_s`` and keep that upstream
 open too, so a dead replica costs the fleet one breaker's worth of failures, not one per sidecar.
 
-It never blocks a request: one background task per sidecar, started with the first request, does
+It never blocks a request: one background task per sidecar, started with the sidecar, does
 all the talking, one pipelined round trip per ``poll_s``: ``SET <key> 1 PX <ms it stays open>`` for
 each breaker that opened here since the last round, then ``PTTL`` of every upstream's key; a key
 still alive opens the local breaker for what is left of it. Durations, not clock times, cross
@@ -57,18 +57,13 @@ class BreakerShare:
         self.rounds = 0  # round trips that worked (tests, logs)
 
     def start(self) -> None:
-        """Start the background task (once; with the first request, on the running loop)."""
+        """Start the background task on the running loop (``CircuitBreaker.start``; once)."""
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="breaker-share")
-
-    @property
-    def started(self) -> bool:
-        return self._task is not None
 
     def opened(self, upstream: str) -> None:
         """The breaker of ``upstream`` opened here: tell the others with the next round."""
         self._pending.add(upstream)
-        self.start()
 
     async def aclose(self) -> None:
         task, self._task = self._task, None

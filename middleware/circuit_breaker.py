@@ -25,10 +25,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from middleware.breaker_share import BreakerShare, SharedBreakerConfig
-from middleware.circuit_state import CLOSED, CircuitState, TripRules
+from middleware.circuit_state import CircuitState, TripRules
 from proxy.body import tap_body
 from proxy.chain import Handler
 from proxy.config import opt
@@ -83,15 +83,7 @@ class CircuitBreaker:
         # An answer quicker than this is not slow by either rule (no need to look at its headers).
         self._never_slow_below = min(config.slow_call_s, config.slow_call_non_stream_s or math.inf)
         self.count_429 = config.count_429
-        rules = TripRules(
-            consecutive_failures=config.consecutive_failures,
-            failure_ratio=config.failure_ratio,
-            window_s=config.window_s,
-            min_calls=config.min_calls,
-            slow_calls=config.slow_calls,
-            open_s=config.open_s,
-            half_open_probes=config.half_open_probes,
-        )
+        rules = TripRules(**{f.name: getattr(config, f.name) for f in fields(TripRules)})
         self.breakers = {name: CircuitState(rules, ctx.clock) for name in ctx.upstreams}
         shared = config.shared
         self.share = None if shared is None else BreakerShare(shared, self.breakers, ctx.clock)
@@ -100,27 +92,23 @@ class CircuitBreaker:
     def _available(self, upstream: str) -> bool:
         return self.breakers[upstream].available()
 
+    async def start(self) -> None:
+        """Once the sidecar serves (on its loop): the Redis sync of ``shared``, if set."""
+        if self.share is not None:
+            self.share.start()
+
     async def __call__(self, request: Request, next: Handler) -> Response:
-        share = self.share
-        if share is not None and not share.started:
-            share.start()
         ctx = request.ctx
         target = ctx.target
         if target is None:
             model = requested_model(request)
             if model is None:  # files, batches…: the default upstream, no breaker
                 return await next(request)
-            route = None if ctx.tried else self.router.routes.get(model)
-            if route is not None:  # the usual first attempt: a weighted draw, kept when closed
-                target = route.pick(self.rng)
-                if self.breakers[target.upstream].state != CLOSED:
-                    target = None
+            target = self.router.pick(model, self.rng, ctx.tried, self._healthy)
             if target is None:
-                target = self.router.pick(model, self.rng, ctx.tried, self._healthy)
-                if target is None:
-                    raise self._none_left(model)
+                raise self._none_left(model)
         breaker = self.breakers[target.upstream]
-        if breaker.state != CLOSED and not breaker.acquire():  # (closed lets everything through)
+        if not breaker.acquire():
             # a target set earlier in the chain (canary) whose breaker is open: let retry fail over
             raise UpstreamUnavailable(f"the circuit breaker of upstream {target.upstream!r} is open")
         ctx.target = target

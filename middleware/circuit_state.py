@@ -8,7 +8,7 @@
 Trip rules, checked as calls end (whichever fires first):
 - ``consecutive_failures`` failures in a row;
 - a failure ratio ≥ ``failure_ratio`` over the calls that ended in the last ``window_s`` seconds,
-  once there were at least ``min_calls`` of them (1-second buckets in a ring: O(1) per call);
+  once there were at least ``min_calls`` of them (``middleware.window.WindowCounts``);
 - ``slow_calls`` successes in a row that the caller found slow (``success(slow=True)``: the
   middleware decides what slow is — a stream's first byte later than ``slow_call_s``).
 While open, no call is let through; after ``open_s`` up to ``half_open_probes`` calls go at once
@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from middleware.window import WindowCounts
 from proxy.clock import Clock
 
 State = Literal["closed", "open", "half_open"]
@@ -46,9 +47,6 @@ class TripRules:
 
 class CircuitState:
     __slots__ = (
-        "_calls",
-        "_failures",
-        "_stamps",
         "clock",
         "consecutive",
         "opened_at",
@@ -58,6 +56,7 @@ class CircuitState:
         "slow_streak",
         "state",
         "trips",
+        "window",
     )
 
     def __init__(self, rules: TripRules, clock: Clock) -> None:
@@ -70,10 +69,7 @@ class CircuitState:
         self.probes_out = 0  # half-open: probes let through and not yet ended
         self.probes_passed = 0
         self.trips = 0  # times it opened (a metric)
-        n = rules.window_s
-        self._stamps = [-1] * n  # the whole second each bucket counts, or -1
-        self._calls = [0] * n
-        self._failures = [0] * n
+        self.window = WindowCounts(rules.window_s)  # (calls, failures)
 
     # -- admission ---------------------------------------------------------------------------------
     def available(self) -> bool:
@@ -109,14 +105,9 @@ class CircuitState:
     # -- outcomes ----------------------------------------------------------------------------------
     def success(self, slow: bool = False, now: float | None = None) -> None:
         """A call ended well (``slow``: but slowly); ``now``: the clock's time, when the caller has it."""
-        if self.state == CLOSED:  # the hot path: count it in this second's bucket, no call
+        if self.state == CLOSED:
             self.consecutive = 0
-            second = int(self.clock.now() if now is None else now)
-            i = second % len(self._stamps)
-            if self._stamps[i] == second:
-                self._calls[i] += 1
-            else:
-                self._count(failed=False, now=now)
+            self.window.add(self.clock.now() if now is None else now, 1, 0)
             if not slow:
                 self.slow_streak = 0
                 return
@@ -143,7 +134,9 @@ class CircuitState:
             return
         self.consecutive += 1
         self.slow_streak = 0
-        calls, failures = self._count(failed=True)
+        now = self.clock.now()
+        self.window.add(now, 1, 1)
+        calls, failures = self.window.totals(now)
         rules = self.rules
         if self.consecutive >= rules.consecutive_failures or (
             calls >= rules.min_calls and failures >= rules.failure_ratio * calls
@@ -167,27 +160,6 @@ class CircuitState:
         self.opened_at = until - self.rules.open_s
 
     # -- internals ---------------------------------------------------------------------------------
-    def _count(self, failed: bool, now: float | None = None) -> tuple[int, int]:
-        """Count one call in the window; returns the window's (calls, failures) when ``failed``."""
-        second = int(self.clock.now() if now is None else now)
-        n = len(self._stamps)
-        i = second % n
-        if self._stamps[i] != second:
-            self._stamps[i] = second
-            self._calls[i] = 0
-            self._failures[i] = 0
-        self._calls[i] += 1
-        if not failed:
-            return 0, 0
-        self._failures[i] += 1
-        oldest = second - n
-        calls = failures = 0
-        for j in range(n):
-            if self._stamps[j] > oldest:
-                calls += self._calls[j]
-                failures += self._failures[j]
-        return calls, failures
-
     def _open(self) -> None:
         self.state = OPEN
         self.opened_at = self.clock.now()
@@ -197,4 +169,4 @@ class CircuitState:
         self.state = CLOSED
         self.consecutive = 0
         self.slow_streak = 0
-        self._stamps = [-1] * len(self._stamps)
+        self.window.clear()

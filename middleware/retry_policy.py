@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 from email.utils import parsedate_to_datetime
 
+from middleware.window import WindowCounts
 from proxy.http import Headers
 
 
@@ -34,50 +35,28 @@ class RetryBudget:
     """Retries may add at most ``ratio`` of the requests seen over the last ``window_s`` seconds,
     plus ``floor`` retries per window so that a quiet sidecar can still retry at all.
 
-    A dead fleet is then hit (1 + ratio)× as hard, not ``attempts``× as hard. Counts live in
-    1-second buckets in a ring: O(window_s) only when a retry is asked for.
+    A dead fleet is then hit (1 + ratio)× as hard, not ``attempts``× as hard.
     """
 
-    __slots__ = ("_requests", "_retries", "_stamps", "floor", "ratio")
+    __slots__ = ("floor", "ratio", "window")
 
     def __init__(self, ratio: float, floor: int, window_s: int) -> None:
         if ratio < 0 or floor < 0 or window_s < 1:
             raise ValueError("retry budget needs ratio ≥ 0, floor ≥ 0 and window_s ≥ 1")
         self.ratio = ratio
         self.floor = floor
-        self._stamps = [-1] * window_s
-        self._requests = [0] * window_s
-        self._retries = [0] * window_s
-
-    def _bucket(self, now: float) -> int:
-        second = int(now)
-        i = second % len(self._stamps)
-        if self._stamps[i] != second:
-            self._stamps[i] = second
-            self._requests[i] = 0
-            self._retries[i] = 0
-        return i
+        self.window = WindowCounts(window_s)  # (requests, retries)
 
     def request(self, now: float) -> None:
         """A request came in (its first attempt)."""
-        second = int(now)
-        i = second % len(self._stamps)
-        if self._stamps[i] != second:
-            i = self._bucket(now)
-        self._requests[i] += 1
+        self.window.add(now, 1, 0)
 
     def try_retry(self, now: float) -> bool:
         """May one more retry go out now? If so, it is counted."""
-        i = self._bucket(now)
-        oldest = int(now) - len(self._stamps)
-        requests = retries = 0
-        for j, stamp in enumerate(self._stamps):
-            if stamp > oldest:
-                requests += self._requests[j]
-                retries += self._retries[j]
+        requests, retries = self.window.totals(now)
         if retries + 1 > self.floor + self.ratio * requests:
             return False
-        self._retries[i] += 1
+        self.window.add(now, 0, 1)
         return True
 
 

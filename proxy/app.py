@@ -66,6 +66,15 @@ class App:
         return compose(chain, forwarder)
 
     async def start(self) -> None:
+        """Listen, then let each middleware with an ``async def start(self)`` start its background
+        work on this loop (e.g. ``circuit_breaker.shared``'s Redis sync)."""
+        await self._listen()
+        for mw in self.middleware:
+            start = getattr(mw, "start", None)
+            if start is not None:
+                await start()
+
+    async def _listen(self) -> None:
         listen = self.config.listen
         front = self.front
         if listen.tls is None:
