@@ -199,7 +199,10 @@ class H1Connection(asyncio.Protocol):
         if deadline > total:
             deadline = total
         self._head_deadline = deadline
-        if self._timer is None:
+        timer = self._timer
+        if timer is None or timer.when() > deadline:  # (one left from a stream may fire too late)
+            if timer is not None:
+                timer.cancel()
             self._timer = self.loop.call_at(deadline, self._on_timer)
         return waiter
 
@@ -225,7 +228,7 @@ class H1Connection(asyncio.Protocol):
                 self._fail(
                     UpstreamTimeout(f"upstream {self.pool.name!r} did not finish within total_timeout_s")
                 )
-            elif self._active:
+            elif self._active or self._reading_paused:  # (paused: the client is slow, not the upstream)
                 self._active = False
                 gap_end = now + self.pool.cfg.read_timeout_s
                 self._timer = self.loop.call_at(min(gap_end, self._total_deadline), self._on_timer)
@@ -249,7 +252,9 @@ class H1Connection(asyncio.Protocol):
         stream = UpstreamBody(self, self._early, self._length)
         self._body = stream
         self._early = []
-        self._active = False
+        # As if read just now: a timer armed earlier (the head's) may fire before read_timeout_s
+        # has passed, and must then only look again, not cut the stream.
+        self._active = True
         read_deadline = min(self.loop.time() + self.pool.cfg.read_timeout_s, self._total_deadline)
         timer = self._timer
         if timer is None or timer.when() > read_deadline:
