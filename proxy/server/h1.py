@@ -381,7 +381,7 @@ class H1Connection(asyncio.Protocol):
         if wake is not None:
             self._wake = None
             wake.set_result(None)
-        elif self._task is None:
+        elif self._task is None or self._task.done():
             self._task = self.loop.create_task(self._serve())
         # else _serve is running (this call came from it, through _response_done): it takes the job next
 
@@ -400,32 +400,47 @@ class H1Connection(asyncio.Protocol):
                     return
                 continue
             self._job = None
-            http11 = self._job_http11
             try:
-                response = await self.front.handler(request)
-            except ProxyError as e:
-                response = error_response(e)
+                # One request in a frame of its own: its response is not held while the
+                # connection waits for the next.
+                await self._respond(request, self._job_http11)
             except asyncio.CancelledError:
                 return  # the client went away; connection_lost has cleaned up
             except Exception:
-                log.exception("unhandled error for %s %s", request.method, request.path)
-                response = error_response(internal_error())
-            if self.closed:
-                discard_body(response)
+                log.exception("failed to answer %s %s; closing the connection", request.method, request.path)
+                self.abort()
                 return
-            body = response.body
-            if isinstance(body, bytes):
-                self._write_whole(response, body, request, http11)
-            elif hasattr(body, "pipe"):  # a PipeableBody: an UpstreamBody, or a middleware's wrapper of one
-                pipeable = cast(PipeableBody, body)
-                self._write_head(response, request, getattr(body, "length", None), http11)
-                self._producer = pipeable
-                pipeable.pipe(self)  # finish() / fail() complete the response, from upstream callbacks
-                if self._write_paused:  # the client is still behind on an earlier response
-                    pipeable.pause_producing()
-            else:
-                self._write_head(response, request, None, http11)
-                await self._write_iter(body)
+
+    async def _respond(self, request: Request, http11: bool) -> None:
+        try:
+            response = await self.front.handler(request)
+        except ProxyError as e:
+            response = error_response(e)
+        except asyncio.CancelledError:
+            if self.closed:
+                raise
+            # cancelled from inside the chain, not by the client leaving: an error, not silence
+            log.error("request %s %s was cancelled inside the chain", request.method, request.path)
+            response = error_response(internal_error())
+        except Exception:
+            log.exception("unhandled error for %s %s", request.method, request.path)
+            response = error_response(internal_error())
+        if self.closed:
+            discard_body(response)
+            return
+        body = response.body
+        if isinstance(body, bytes):
+            self._write_whole(response, body, request, http11)
+        elif hasattr(body, "pipe"):  # a PipeableBody: an UpstreamBody, or a middleware's wrapper of one
+            pipeable = cast(PipeableBody, body)
+            self._write_head(response, request, getattr(body, "length", None), http11)
+            self._producer = pipeable
+            pipeable.pipe(self)  # finish() / fail() complete the response, from upstream callbacks
+            if self._write_paused:  # the client is still behind on an earlier response
+                pipeable.pause_producing()
+        else:
+            self._write_head(response, request, None, http11)
+            await self._write_iter(body)
 
     def _write_whole(self, response: Response, body: bytes, request: Request | None, http11: bool) -> None:
         """A response whose body is ``body`` (its bytes): head and body in one write."""

@@ -362,3 +362,18 @@ def test_a_stream_that_stalls_is_cut_after_read_timeout(mock: MockProcess, tmp_p
         )
         assert "".join(c.choices[0].delta.content or "" for c in steady if c.choices).count(" ") >= 1
         assert client.chat.completions.create(model="demo-model", messages=HI).choices
+
+
+def test_a_cancellation_inside_the_chain_is_a_500_and_the_connection_goes_on(
+    mock: MockProcess, tmp_path: Path
+) -> None:
+    extra = 'middleware:\n  - {type: "tests.unit.sample_middleware:Cancels", when: "cancel"}\n'
+    with (
+        SidecarProcess(minimal_config(mock.url, extra=extra), tmp_path) as sidecar,
+        OpenAI(base_url=sidecar.base_url, api_key="x", max_retries=0, timeout=5) as client,
+    ):
+        with pytest.raises(openai.InternalServerError):  # an answer, not a hang
+            client.chat.completions.create(
+                model="demo-model", messages=HI, extra_headers={"x-test": "cancel"}
+            )
+        assert client.chat.completions.create(model="demo-model", messages=HI).choices  # same connection

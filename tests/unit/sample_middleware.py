@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,3 +36,22 @@ class Sample:
         response = await next(request)
         response.headers.append((self.config.header.encode(), b"1"))
         return response
+
+
+@dataclass(frozen=True)
+class CancelsConfig:
+    when: str = req("the x-test header value on which the chain raises CancelledError", min_len=1)
+
+
+class Cancels:
+    """Raises CancelledError from inside the chain (a bug in user code, the client still there)."""
+
+    Config = CancelsConfig
+
+    def __init__(self, config: CancelsConfig, context: BuildContext) -> None:
+        self.when = config.when.encode()
+
+    async def __call__(self, request: Request, next: Handler) -> Response:
+        if request.headers.get(b"x-test") == self.when:
+            raise asyncio.CancelledError
+        return await next(request)
