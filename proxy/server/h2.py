@@ -28,7 +28,6 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, cast
 
-from h2.config import H2Configuration
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -52,7 +51,7 @@ from proxy.server.h2_decoder import FastDecoder
 from proxy.server.h2_encoder import StaticEncoder
 from proxy.server.h2_guard import ENHANCE_YOUR_CALM, FrameGuard, Violation
 from proxy.server.h2_request import MalformedHeaders, check_trailers, split_request
-from proxy.server.h2_state import LeanH2State
+from proxy.server.h2_state import LeanH2State, front_config
 from proxy.server.h2_stream import INF, H2Stream
 
 if TYPE_CHECKING:
@@ -82,17 +81,9 @@ class H2Connection(asyncio.Protocol):
         # Response headers are ours, lower-case and without connection-specific fields
         # (_RESPONSE_DROP): h2 need not check them again. Request headers are checked in full by
         # h2_request.split_request, in the pass that picks them apart, not by h2's generators.
-        config = H2Configuration(
-            client_side=False,
-            header_encoding=None,
-            validate_outbound_headers=False,
-            normalize_outbound_headers=False,
-            validate_inbound_headers=False,
-            normalize_inbound_headers=False,
-        )
-        self.h2 = h2 = LeanH2State(config=config)
+        self.h2 = h2 = LeanH2State(config=front_config())
         h2.encoder = cast("Encoder", StaticEncoder())
-        h2.decoder = cast("Decoder", FastDecoder())
+        h2.decoder = cast("Decoder", FastDecoder(cfg.max_header_list_size))
         h2.local_settings = Settings(
             client=False,
             initial_values={
@@ -101,7 +92,6 @@ class H2Connection(asyncio.Protocol):
                 SettingCodes.INITIAL_WINDOW_SIZE: cfg.initial_window_size,
             },
         )
-        h2.decoder.max_header_list_size = cfg.max_header_list_size
         self.guard = FrameGuard(cfg, front.clock)
         self.streams: dict[int, H2Stream] = {}
         self.blocked: dict[H2Stream, None] = {}  # streams with pending data, in arrival order

@@ -113,10 +113,27 @@ def _flags(valid: frozenset[str], present: set[str]) -> Flags:
     return out
 
 
+def front_config() -> H2Configuration:
+    """The HTTP/2 front's h2 configuration: h2's own header checks off, since
+    ``proxy.server.h2_request`` makes them (in one pass) and :class:`LeanH2State`'s request path
+    skips h2's."""
+    return H2Configuration(
+        client_side=False,
+        header_encoding=None,
+        validate_outbound_headers=False,
+        normalize_outbound_headers=False,
+        validate_inbound_headers=False,
+        normalize_inbound_headers=False,
+    )
+
+
 class LeanH2State(H2Connection):
     """``h2.connection.H2Connection`` (server side) with the fast paths above."""
 
     def __init__(self, config: H2Configuration) -> None:
+        if config.validate_inbound_headers or config.normalize_inbound_headers:
+            # Its request path does not run h2's header checks: asking for them would be a lie.
+            raise ValueError("LeanH2State checks no request headers: use front_config() and h2_request")
         super().__init__(config=config)
         self.incoming_buffer = LeanFrameBuffer(server=True)
 

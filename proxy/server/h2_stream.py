@@ -113,8 +113,9 @@ class H2Stream:
                 self.send_whole(response)
             elif hasattr(body, "pipe"):  # a PipeableBody: an UpstreamBody, or a middleware's wrapper
                 pipeable = cast(PipeableBody, body)
-                self.sse = is_event_stream(response)
-                self.send_head(response, getattr(body, "length", None))
+                length = getattr(body, "length", None)
+                self.sse = length is None and is_event_stream(response)  # (as the HTTP/1.1 front)
+                self.send_head(response, length)
                 if self.head_only or self.reset:
                     pipeable.abort()
                     return
@@ -162,22 +163,10 @@ class H2Stream:
         conn = self.conn
         self.send_head(response, len(body), end=not body, flush=False)
         if body and not self.ended and not self.reset:
-            h2 = conn.h2
-            size = len(body)
-            if (
-                not conn.write_paused
-                and size <= h2.max_outbound_frame_size
-                and size <= h2.local_flow_control_window(self.sid)
-            ):  # the usual case: one DATA frame ends it, nothing waits
-                h2.send_data(self.sid, body, end_stream=True)
-                conn.guard.note_data_sent()
-                self.ended = True
-                self._after_end()
-            else:
-                self.pending.append(body)
-                self.pending_bytes += size
-                self.end_pending = True
-                self.send_pending()
+            self.pending.append(body)
+            self.pending_bytes += len(body)
+            self.end_pending = True
+            self.send_pending()
         if not conn.in_batch:
             conn.flush_soon()
         conn.forget_if_done(self)

@@ -11,7 +11,7 @@ from h2.stream import StreamState
 from hpack import Encoder
 from hyperframe.frame import HeadersFrame
 
-from proxy.server.h2_state import LeanH2State
+from proxy.server.h2_state import LeanH2State, front_config
 
 REQUEST = [(b":method", b"POST"), (b":path", b"/v1/x"), (b":scheme", b"http"), (b":authority", b"a")]
 
@@ -19,7 +19,7 @@ REQUEST = [(b":method", b"POST"), (b":path", b"/v1/x"), (b":scheme", b"http"), (
 def _pair(server_class: type[H2Connection]) -> tuple[H2Connection, H2Connection]:
     """A client and a server with one request (stream 1) received, its body complete."""
     client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
-    server = server_class(H2Configuration(client_side=False, header_encoding=None))
+    server = server_class(front_config())
     client.initiate_connection()
     server.initiate_connection()
     client.send_headers(1, REQUEST)
@@ -128,7 +128,7 @@ def test_a_request_gives_h2s_events(end: bool) -> None:
     seen = []
     for server_class in (H2Connection, LeanH2State):
         client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
-        server = server_class(H2Configuration(client_side=False, header_encoding=None))
+        server = server_class(front_config())
         client.initiate_connection()
         server.initiate_connection()
         client.send_headers(1, [*REQUEST, (b"content-length", b"0" if end else b"2")], end_stream=end)
@@ -141,7 +141,7 @@ def test_a_request_gives_h2s_events(end: bool) -> None:
 def test_a_body_longer_than_its_content_length_is_refused() -> None:
     for server_class in (H2Connection, LeanH2State):
         client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
-        server = server_class(H2Configuration(client_side=False, header_encoding=None))
+        server = server_class(front_config())
         client.initiate_connection()
         server.initiate_connection()
         client.send_headers(1, [*REQUEST, (b"content-length", b"2")])
@@ -211,3 +211,8 @@ def test_the_lean_frame_buffer_refuses_what_h2_refuses(raw: bytes, error: str) -
         with pytest.raises(ProtocolError) as caught:
             list(buffer)
         assert error in [c.__name__ for c in type(caught.value).__mro__]
+
+
+def test_the_lean_state_refuses_a_config_that_asks_for_h2s_header_checks() -> None:
+    with pytest.raises(ValueError, match="checks no request headers"):
+        LeanH2State(H2Configuration(client_side=False, header_encoding=None))
