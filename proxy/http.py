@@ -141,11 +141,6 @@ class Request:
         self._json = value
         self.body = orjson.dumps(value)
 
-    @property
-    def is_json(self) -> bool:
-        ct = self.headers.get(b"content-type")
-        return ct is None or ct.startswith(b"application/json") or b"+json" in ct
-
 
 _UNPARSED: Any = object()
 

@@ -33,7 +33,6 @@ from proxy.errors import (
 )
 from proxy.http import Headers, PipeableBody, Request, RequestContext, Response
 from proxy.server.front import (
-    STATUS_LINES,
     aclose_body,
     discard_body,
     error_response,
@@ -281,9 +280,9 @@ class H1Connection(asyncio.Protocol):
                 self._upgrade = True
             elif name == b"connection" or name == b"proxy-connection":
                 self._connection = True
-            elif value.lower() != b"100-continue":  # expect
-                raise MalformedHttp("unsupported Expect header")
-            else:
+            elif name == b"expect":
+                if value.lower() != b"100-continue":
+                    raise MalformedHttp("unsupported Expect header")
                 expect = True
         if expect and not self._busy and not self._queue and self.transport is not None:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -471,7 +470,7 @@ class H1Connection(asyncio.Protocol):
     def _head(self, response: Response, request: Request | None, framing: bytes, http11: bool) -> bytes:
         """The status line and header lines; ``framing`` is one header line without its CRLF, or b""."""
         status = response.status
-        lines = [STATUS_LINES.get(status) or status_line(status)]
+        lines = [status_line(status)]
         for kv in response.headers:
             lines.append(b": ".join(kv))
         if request is not None:

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from h2.utilities import CONNECTION_HEADERS
+
 from proxy.http import Headers
 
 # Bytes a field name may hold: what is left after deleting these must be empty.
@@ -31,9 +33,7 @@ _NAME_OK = bytes(c for c in range(0x21, 0x7F) if not (0x41 <= c <= 0x5A) and c !
 _VALUE_BAD = (b"\x00", b"\r", b"\n")
 _VALUE_OK = bytes(c for c in range(256) if c not in (0x00, 0x0A, 0x0D))
 _EDGE_SPACE = (0x20, 0x09)
-_CONNECTION_SPECIFIC = frozenset(
-    {b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding", b"upgrade"}
-)
+_CONNECTION_SPECIFIC = CONNECTION_HEADERS  # h2's own list (RFC 9113 §8.2.2)
 
 
 class MalformedHeaders(Exception):
