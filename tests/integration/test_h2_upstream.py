@@ -150,9 +150,15 @@ def test_1000_concurrent_streams_share_at_most_10_upstream_connections(
             sids = [client.request("POST", "/v1/chat/completions", payload, knobs) for _ in range(100)]
             return [client.response(sid)[::2] for sid in sids]
 
+    peak = 0
     with ThreadPoolExecutor(max_workers=10) as pool:
-        answers = [a for batch in pool.map(one_connection, range(10)) for a in batch]
+        batches = [pool.submit(one_connection, i) for i in range(10)]
+        while not all(b.done() for b in batches):  # how many the mock holds at once
+            peak = max(peak, mock.stats()["in_flight"])
+            time.sleep(0.02)
+        answers = [a for b in batches for a in b.result()]
     assert len(answers) == 1000
+    assert peak >= 500, peak  # concurrent indeed, on at most 10 upstream connections
     assert all(status == 200 and body.rstrip().endswith(b"data: [DONE]") for status, body in answers)
     stats = mock.stats()
     assert stats["completed"] == 1000
