@@ -90,16 +90,7 @@ def _text(value: Any) -> tuple[int, int]:
             todo.extend(item)
         elif kind is int:
             ids += 1
-        elif isinstance(item, bool | float) or item is None:
-            pass
-        elif isinstance(item, str):
-            chars += len(item)
-        elif isinstance(item, int):
-            ids += 1
-        elif isinstance(item, list | tuple):
-            todo.extend(item)
-        elif isinstance(item, dict):
-            todo.extend(inner for key, inner in item.items() if key not in _NOT_TEXT)
+        # else: bool, float or None (JSON has no other types)
     return chars, ids
 
 
