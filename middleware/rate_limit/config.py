@@ -23,6 +23,14 @@ class RedisConfig:
     )
     breaker_failures: int = opt(3, "failed round trips in a row after which Redis is skipped", min=1)
     breaker_open_s: float = opt(2.0, "how long Redis is skipped before one request tries it again", min=0.01)
+    lease_ms: float = opt(
+        100.0,
+        "requests and tokens a sidecar takes from Redis ahead: about this long of its recent demand "
+        "(never more than an eighth of what a bucket holds), and how long what it holds unused (and "
+        "its freed in-flight slots) stays before going back; 0: every request asks Redis",
+        min=0,
+        max=10_000,
+    )
     in_flight_lease_s: float = opt(
         900.0,
         "an in-flight slot never released (a sidecar killed mid-request) frees itself after this",

@@ -1,13 +1,19 @@
 """``backend: redis``: one limit shared by every sidecar that uses the same Redis.
 
-Each admission is one call of the Lua script (lua.py) by its SHA, each settlement too (those of a
-bucket merged per event-loop iteration); the calls of one iteration leave together, one write and
-one read (redis_batcher.py), so under load a request costs a fraction of a round trip.
+Redis holds each bucket (lua.py, one script called by its SHA, the Redis server's clock). A sidecar
+does not ask it per request: with each call it takes some requests and tokens *ahead* (an
+:class:`Allowance`, about ``lease_ms`` of its recent demand, never more than an eighth of what the
+bucket holds) and admits from them by itself until they run low, when one call tops them up in the
+background. Settlements and freed in-flight slots stay in the allowance too: a refund is spent
+locally, a freed slot is reused by the next request, a debt goes to Redis with the next call.
+What an allowance holds unused goes back after ``lease_ms`` without requests (``_flush``). So
+under load a request costs no round trip, and near its limit a bucket hands nothing out ahead:
+every request then asks Redis and the fleet admits the exact budget.
 
 Every round trip has a deadline (``redis.timeout_ms``); a failure or a miss counts against the
-breaker (breaker.py). While it is open Redis is not called: requests are allowed unchecked or
-denied with 503, per ``on_redis_error``, and settlements are dropped. Admission uses the Redis
-server's clock (TIME inside the script), so sidecars with drifting clocks still agree.
+breaker (breaker.py). While it is open Redis is not called: requests the allowance cannot cover
+are allowed unchecked or denied with 503, per ``on_redis_error``, and what the allowances owe
+Redis waits for it to answer again.
 """
 
 from __future__ import annotations
@@ -28,7 +34,13 @@ from middleware.rate_limit.backend import Ask, Ticket
 from middleware.rate_limit.breaker import CLOSED, Breaker
 from middleware.rate_limit.bucket import IN_FLIGHT_RETRY_S, Decision, LimitSpec, Reason
 from middleware.rate_limit.config import RateLimitConfig
-from middleware.rate_limit.redis_batcher import ScriptBatcher, StoreUnavailable, command_head
+from middleware.rate_limit.redis_batcher import (
+    ScriptBatcher,
+    StoreUnavailable,
+    command,
+    command_head,
+    did_not_run,
+)
 from middleware.rate_limit.redis_conn import Endpoint
 from proxy.clock import Clock
 from proxy.errors import RateLimiterUnavailable
@@ -36,8 +48,56 @@ from proxy.errors import RateLimiterUnavailable
 log = logging.getLogger("llm_sidecar.rate_limit")
 
 REASONS: Final[tuple[Reason, ...]] = ("", "requests", "tokens", "in_flight", "too_large")
-HEAD_ITEMS: Final = 12  # EVALSHA, sha, 2, two keys, seven constant arguments (lua.py)
-MAX_HEADS: Final = 4096  # encoded bucket heads kept (then the cache starts over)
+HEAD_ITEMS: Final = 12  # EVALSHA, sha, 2, two keys, op and six constant arguments (lua.py)
+MAX_FREED: Final = 1024  # in-flight members one call frees at most (more go with the next)
+MIN_FLUSH_S: Final = 0.005  # without lease_ms, settlements still gather this long per call
+
+BucketKey = tuple[str, str, str, LimitSpec]  # (scope, model, key id, spec)
+
+
+class Allowance:
+    """What this sidecar holds of one (scope, model) bucket and one key's in-flight slots."""
+
+    __slots__ = (
+        "calling",
+        "count",
+        "free",
+        "give_head",
+        "in_use",
+        "key",
+        "left_r",
+        "left_t",
+        "low_r",
+        "low_t",
+        "requests",
+        "reserved",
+        "since",
+        "spec",
+        "take_head",
+        "to_free",
+        "tokens",
+        "used_at",
+    )
+
+    def __init__(self, key: BucketKey, take_head: bytes, give_head: bytes, now: float) -> None:
+        self.key = key
+        self.spec = key[3]
+        self.take_head = take_head  # the constant start of this bucket's two commands
+        self.give_head = give_head
+        self.requests = 0  # taken ahead from Redis, not used yet
+        self.tokens = 0  # likewise (below zero: settlements' charges Redis has not seen yet)
+        self.free: list[tuple[bytes, float]] = []  # in-flight members registered and free: (member, when)
+        self.to_free: list[bytes] = []  # members Redis must drop
+        self.in_use = 0  # admitted requests not yet released, and takes under way
+        self.used_at = now  # last admission or release
+        self.since = now  # last call to Redis
+        self.count = 0  # admissions since then
+        self.reserved = 0  # tokens they reserved
+        self.low_r = 0  # top up below these (half of what the last call handed out)
+        self.low_t = 0
+        self.left_r = 0  # what the bucket held after the last call (for the headers)
+        self.left_t = 0
+        self.calling = False  # a top-up is under way
 
 
 class RedisBackend:
@@ -48,11 +108,15 @@ class RedisBackend:
         # could take twice. The deadline (connecting included) and the breaker decide instead.
         self.batcher = ScriptBatcher(Endpoint(rc.url), rc.max_connections, timeout_s, self._outcome)
         self.breaker = Breaker(rc.breaker_failures, rc.breaker_open_s, clock)
+        self.clock = clock
         self.deny = config.on_redis_error == "deny"
         self.prefix = rc.key_prefix
         self.lease = b"%r" % rc.in_flight_lease_s
+        self.lease_s = rc.lease_ms / 1000
+        self.reuse_s = rc.in_flight_lease_s / 2  # a slot older than this is not reused (it expires)
         self._now = now  # tests: a fake clock instead of Redis TIME
-        self._heads: dict[tuple[str, str, str, LimitSpec], tuple[bytes, bytes]] = {}
+        self._allowances: dict[BucketKey, Allowance] = {}
+        self._timer: asyncio.TimerHandle | None = None
         self._members = itertools.count()
         self._instance = os.urandom(6).hex().encode()
         parts = urlsplit(rc.url)
@@ -60,90 +124,278 @@ class RedisBackend:
 
     # -- Backend --------------------------------------------------------------------------------------
     async def acquire(self, ask: Ask) -> Ticket:
+        spec = ask.spec
+        a = self._allowances.get((ask.scope, ask.model, ask.key_id, spec))
+        if a is None:
+            a = self._allowance(ask)
+        now = self.clock.now()
+        need = ask.tokens
+        if (spec.requests is None or a.requests >= 1) and (spec.tokens is None or a.tokens >= need):
+            member, granted = b"", 0.0
+            if spec.max_in_flight:
+                member, granted = self._free_member(a, now)
+            if member or not spec.max_in_flight:
+                return self._admit_here(a, ask, now, member, granted)
         if not self.breaker.allow():
             return self._unreachable(ask)
-        heads = self._heads.get((ask.scope, ask.model, ask.key_id, ask.spec))
-        acquire_head, settle_head = heads if heads is not None else self._bucket_heads(ask)
-        tokens = b"%d" % ask.tokens
-        now = self._now_arg() if self._now is not None else b""
-        if ask.spec.max_in_flight:
-            member = b"%b:%d" % (self._instance, next(self._members))
-            data = b"*%d\r\n%b$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (
-                HEAD_ITEMS + 3,
-                acquire_head,
-                len(now),
-                now,
-                len(tokens),
-                tokens,
-                len(member),
-                member,
-            )
-        else:
-            member = b""
-            data = b"*%d\r\n%b$%d\r\n%b\r\n$%d\r\n%b\r\n" % (
-                HEAD_ITEMS + 2,
-                acquire_head,
-                len(now),
-                now,
-                len(tokens),
-                tokens,
-            )
-        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.batcher.call(data, waiter, lambda reply: self._give_back(settle_head, ask.tokens, member, reply))
-        try:
-            reply = await waiter
-        except StoreUnavailable:
-            return self._unreachable(ask)
-        except RedisError as e:  # the script itself failed: a bug, or a Redis too old for it
-            log.error("rate_limit: the Redis script failed: %s", e)
-            return self._unreachable(ask)
-        return Ticket(ask, decode(reply), (settle_head, member))
+        return await self._take(a, ask, now)
 
     def release(self, ticket: Ticket, used_tokens: int) -> None:
         if ticket.decision is None:
             return
         ask = ticket.ask
-        settle_head, member = ticket.handle
-        extra = used_tokens - ask.tokens if ask.spec.tokens is not None else 0
-        if extra or member:
-            self.batcher.settle((settle_head, HEAD_ITEMS, self._now_arg()), extra, member)
+        a, member, granted = ticket.handle
+        if ask.spec.tokens is not None:
+            a.tokens -= used_tokens - ask.tokens
+        if member:
+            if self.lease_s > 0:
+                a.free.append((member, granted))
+            else:
+                a.to_free.append(member)
+        a.in_use -= 1
+        a.used_at = self.clock.now()
+        if self._timer is None:
+            self._arm()
 
     async def aclose(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._flush(everything=True)
         await self.batcher.aclose()
 
+    # -- admission ------------------------------------------------------------------------------------
+    def _admit_here(self, a: Allowance, ask: Ask, now: float, member: bytes, granted: float) -> Ticket:
+        """Admit from what the allowance holds; top it up in the background when it runs low."""
+        spec = ask.spec
+        if spec.requests is not None:
+            a.requests -= 1
+        if spec.tokens is not None:
+            a.tokens -= ask.tokens
+        a.count += 1
+        a.reserved += ask.tokens
+        a.in_use += 1
+        a.used_at = now
+        if (a.requests < a.low_r or a.tokens < a.low_t) and not a.calling:
+            self._top_up(a, now)
+        return Ticket(ask, self._local_decision(a), (a, member, granted))
+
+    async def _take(self, a: Allowance, ask: Ask, now: float) -> Ticket:
+        """Ask Redis to admit the request, giving back what the allowance holds and taking more ahead."""
+        spec = ask.spec
+        reused, granted = (b"", 0.0) if not spec.max_in_flight else self._free_member(a, now)
+        new = b"%b:%d" % (self._instance, next(self._members)) if spec.max_in_flight and not reused else b""
+        back_r, back_t, freed = a.requests, a.tokens, a.to_free[:MAX_FREED]
+        a.requests = a.tokens = 0
+        del a.to_free[:MAX_FREED]
+        want_r, want_t = self._wants(a, now)
+        a.in_use += 1  # so that _flush keeps the allowance meanwhile
+        a.used_at = now
+        data = self._command(a.take_head, ask.tokens, back_r, back_t, want_r, want_t, new, freed=freed)
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.batcher.call(data, waiter, lambda reply: self._orphan(a, ask.tokens, reply))
+        try:
+            reply = await waiter
+        except asyncio.CancelledError:
+            self._put_back(a, reused, granted, [new] if new else [])
+            raise
+        except (StoreUnavailable, RedisError) as e:
+            self._put_back(a, reused, granted, freed)  # (given-back amounts may have run: dropped)
+            if isinstance(e, RedisError) and not did_not_run(e):  # a bug, or a Redis too old for the script
+                log.error("rate_limit: the Redis script failed: %s", e)
+            return self._unreachable(ask)
+        decision = self._apply(a, reply, now)
+        if not decision.allowed:
+            self._put_back(a, reused, granted, [])
+            return Ticket(ask, decision)
+        a.count += 1
+        a.reserved += ask.tokens
+        member = reused or new
+        return Ticket(ask, decision, (a, member, granted if reused else now))
+
+    def _free_member(self, a: Allowance, now: float) -> tuple[bytes, float]:
+        """A registered in-flight member of the allowance to reuse (b"" when none is fresh)."""
+        free = a.free
+        while free:
+            member, granted = free.pop()
+            if now - granted < self.reuse_s:
+                return member, granted
+            a.to_free.append(member)  # about to expire in Redis: drop it, register a new one
+        return b"", 0.0
+
+    def _put_back(self, a: Allowance, reused: bytes, granted: float, freed: list[bytes]) -> None:
+        """A take that admitted nothing: its members back where they were."""
+        a.in_use -= 1
+        if reused:
+            a.free.append((reused, granted))
+        a.to_free.extend(freed)  # freeing a member twice (or one never added) is harmless
+        if self._timer is None:
+            self._arm()
+
+    def _orphan(self, a: Allowance, tokens: int, reply: Any) -> None:
+        """A take whose requester left before its answer: keep what it took for the next requests."""
+        if isinstance(reply, bytes) and len(reply) == lua.REPLY.size:
+            reason, _, _, _, _, _, gr, gt = lua.REPLY.unpack(reply)
+            a.requests += gr + (reason == 0)
+            a.tokens += gt + (tokens if reason == 0 else 0)
+            self._keep(a)
+
+    def _wants(self, a: Allowance, now: float) -> tuple[int, int]:
+        """How much to take ahead: what the allowance admitted since its last call, scaled to lease_ms
+        (so calls come about once per lease_ms under a steady load)."""
+        count, reserved, elapsed = a.count, a.reserved, now - a.since
+        a.since, a.count, a.reserved = now, 0, 0
+        if self.lease_s <= 0 or count == 0:
+            return 0, 0
+        scale = self.lease_s / max(elapsed, self.lease_s)
+        want_r = math.ceil(count * scale) if a.spec.requests is not None else 0
+        want_t = math.ceil(reserved * scale) if a.spec.tokens is not None else 0
+        return want_r, want_t
+
+    def _apply(self, a: Allowance, reply: bytes, now: float) -> Decision:
+        """Book a reply into the allowance; the decision it carries."""
+        code, req_left, req_reset_ms, tok_left, tok_reset_ms, wait_ms, gr, gt = lua.REPLY.unpack(reply)
+        a.requests += gr
+        a.tokens += gt
+        a.low_r, a.low_t = gr // 2, gt // 2
+        a.left_r, a.left_t = req_left, tok_left
+        wait_s = math.inf if wait_ms < 0 else wait_ms / 1000
+        if code == 3:
+            wait_s = IN_FLIGHT_RETRY_S
+        return Decision(
+            allowed=code == 0,
+            reason=REASONS[code],
+            retry_after_s=wait_s,
+            requests_remaining=req_left + a.requests,
+            requests_reset_s=req_reset_ms / 1000,
+            tokens_remaining=tok_left + max(a.tokens, 0),
+            tokens_reset_s=tok_reset_ms / 1000,
+        )
+
+    @staticmethod
+    def _local_decision(a: Allowance) -> Decision:
+        """An admission from the allowance: what this sidecar knows the bucket holds (the rest of the
+        fleet's allowances aside)."""
+        req, tok = a.spec.requests, a.spec.tokens
+        left_r = a.left_r + a.requests
+        left_t = a.left_t + (a.tokens if a.tokens > 0 else 0)
+        return Decision(
+            allowed=True,
+            reason="",
+            retry_after_s=0.0,
+            requests_remaining=left_r,
+            requests_reset_s=(req.capacity - left_r) / req.per_second if req is not None else 0.0,
+            tokens_remaining=left_t,
+            tokens_reset_s=(tok.capacity - left_t) / tok.per_second if tok is not None else 0.0,
+        )
+
+    # -- the background: top-ups, giving back, settling ------------------------------------------------
+    def _top_up(self, a: Allowance, now: float) -> None:
+        if self.breaker.state != CLOSED:
+            return
+        want_r, want_t = self._wants(a, now)
+        if not want_r and not want_t:
+            return
+        a.calling = True
+        self._give(a, 0, 0, want_r, want_t)
+
+    def _give(self, a: Allowance, back_r: int, back_t: int, want_r: int = 0, want_t: int = 0) -> None:
+        """One give call: amounts back (or charged), members freed, maybe more taken ahead."""
+        freed = a.to_free[:MAX_FREED]
+        del a.to_free[:MAX_FREED]
+        data = self._command(a.give_head, 0, back_r, back_t, want_r, want_t, b"", freed=freed)
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        waiter.add_done_callback(lambda done: self._given(a, back_t, freed, done))
+        self.batcher.call(data, waiter)
+
+    def _given(self, a: Allowance, back_t: int, freed: list[bytes], done: asyncio.Future[Any]) -> None:
+        a.calling = False
+        error = done.exception() if not done.cancelled() else None
+        if error is None and not done.cancelled():
+            self._apply(a, done.result(), self.clock.now())
+            return
+        a.to_free.extend(freed)  # freeing twice is harmless: again later
+        if isinstance(error, RedisError) and did_not_run(error) and back_t < 0:
+            a.tokens += back_t  # a charge that did not run is owed still (one that may have run is not)
+        self._keep(a)
+
+    def _flush(self, everything: bool = False) -> None:
+        """Every lease_ms: give back what allowances idle that long hold (and forget them when no
+        request of theirs is in progress); send the debts and stale members of the others."""
+        self._timer = None
+        if self.breaker.state != CLOSED and not everything:
+            if self._allowances:
+                self._arm()  # what is owed waits for Redis
+            return
+        now = self.clock.now()
+        idle_since = now - self.lease_s
+        for key, a in list(self._allowances.items()):
+            if everything or a.used_at <= idle_since:
+                a.to_free.extend(member for member, _ in a.free)
+                a.free.clear()
+                back_r, back_t = a.requests, a.tokens
+                a.requests = a.tokens = 0
+                a.low_r = a.low_t = 0
+                if back_r or back_t or a.to_free:
+                    self._give(a, back_r, back_t)
+                if a.in_use == 0 and not a.calling and not a.to_free:
+                    del self._allowances[key]
+            else:
+                stale = now - self.reuse_s
+                if a.free and a.free[0][1] <= stale:
+                    a.to_free.extend(m for m, g in a.free if g <= stale)
+                    a.free = [(m, g) for m, g in a.free if g > stale]
+                if a.tokens < 0 or a.to_free:
+                    back_t = min(a.tokens, 0)
+                    a.tokens -= back_t
+                    self._give(a, 0, back_t)
+        if self._allowances:
+            self._arm()
+
+    def _arm(self) -> None:
+        self._timer = asyncio.get_running_loop().call_later(max(self.lease_s, MIN_FLUSH_S), self._flush)
+
     # -- helpers --------------------------------------------------------------------------------------
-    def _bucket_heads(self, ask: Ask) -> tuple[bytes, bytes]:
-        """The encoded constant part of the acquire and settle commands of ``ask``'s bucket."""
-        cache_key = (ask.scope, ask.model, ask.key_id, ask.spec)
-        heads = self._heads.get(cache_key)
-        if heads is None:
-            if len(self._heads) >= MAX_HEADS:
-                self._heads.clear()
-            req, tok = ask.spec.requests, ask.spec.tokens
-            tag = f"{self.prefix}{{{ask.scope}}}:"
-            keys = (f"{tag}{ask.model}".encode(), f"{tag}inflight:{ask.key_id}".encode())
-            constants = (
-                b"%d" % (req.per_minute if req is not None else 0),
-                b"%r" % (req.capacity if req is not None else 0.0),
-                b"%d" % (tok.per_minute if tok is not None else 0),
-                b"%r" % (tok.capacity if tok is not None else 0.0),
-                b"%d" % ask.spec.max_in_flight,
-                self.lease,
-            )
-            heads = (
-                command_head(keys, (b"acquire", *constants)),
-                command_head(keys, (b"settle", *constants)),
-            )
-            self._heads[cache_key] = heads
-        return heads
+    def _allowance(self, ask: Ask) -> Allowance:
+        """A new allowance for ``ask``'s bucket, with the encoded constant part of its commands."""
+        req, tok = ask.spec.requests, ask.spec.tokens
+        tag = f"{self.prefix}{{{ask.scope}}}:"
+        keys = (f"{tag}{ask.model}".encode(), f"{tag}inflight:{ask.key_id}".encode())
+        constants = (
+            b"%d" % (req.per_minute if req is not None else 0),
+            b"%r" % (req.capacity if req is not None else 0.0),
+            b"%d" % (tok.per_minute if tok is not None else 0),
+            b"%r" % (tok.capacity if tok is not None else 0.0),
+            b"%d" % ask.spec.max_in_flight,
+            self.lease,
+        )
+        key = (ask.scope, ask.model, ask.key_id, ask.spec)
+        take, give = (command_head(keys, (op, *constants)) for op in (b"take", b"give"))
+        a = Allowance(key, take, give, self.clock.now())
+        self._allowances[key] = a
+        if self._timer is None:
+            self._arm()
+        return a
+
+    def _keep(self, a: Allowance) -> None:
+        """``a`` (maybe already forgotten by _flush) still holds something for Redis: keep it, or hand
+        it to the allowance that replaced it."""
+        held = self._allowances.setdefault(a.key, a)
+        if held is not a:
+            held.to_free.extend(a.to_free)
+            held.requests += a.requests
+            held.tokens += a.tokens
+            a.to_free, a.requests, a.tokens = [], 0, 0
+        if self._timer is None:
+            self._arm()
+
+    def _command(self, head: bytes, *numbers: int | bytes, freed: list[bytes]) -> bytes:
+        """A call of the script: ``numbers`` are ARGV 9-14 (lua.py), ``freed`` the members after."""
+        tail = [self._now_arg()] + [n if isinstance(n, bytes) else b"%d" % n for n in numbers]
+        return command(head, HEAD_ITEMS, tail + freed)
 
     def _now_arg(self) -> bytes:
         return b"" if self._now is None else b"%.6f" % self._now()
-
-    def _give_back(self, settle_head: bytes, tokens: int, member: bytes, reply: Any) -> None:
-        """An admission whose requester left before hearing of it: give its tokens and slot back."""
-        if isinstance(reply, bytes) and len(reply) == lua.REPLY.size and lua.REPLY.unpack(reply)[0] == 0:
-            self.batcher.settle((settle_head, HEAD_ITEMS, self._now_arg()), -tokens, member)
 
     def _unreachable(self, ask: Ask) -> Ticket:
         if self.deny:
@@ -159,11 +411,8 @@ class RedisBackend:
         if error is None:
             if self.breaker.success():
                 log.warning("rate_limit: Redis at %s answers again; limits are enforced", self._where)
-                self.batcher.hold = False
-                self.batcher.wake()  # the settlements held meanwhile
             return
         opened = self.breaker.failure()
-        self.batcher.hold = self.breaker.state != CLOSED
         log.warning(
             "rate_limit: Redis at %s failed (%s: %s): %d calls lost, requests %s%s",
             self._where,
@@ -173,19 +422,3 @@ class RedisBackend:
             "denied (503)" if self.deny else "allowed without limits",
             f"; Redis is skipped for {self.breaker.open_s:g} s" if opened else "",
         )
-
-
-def decode(reply: bytes) -> Decision:
-    code, req_left, req_reset_ms, tok_left, tok_reset_ms, wait_ms = lua.REPLY.unpack(reply)
-    wait_s = math.inf if wait_ms < 0 else wait_ms / 1000
-    if code == 3:
-        wait_s = IN_FLIGHT_RETRY_S
-    return Decision(
-        allowed=code == 0,
-        reason=REASONS[code],
-        retry_after_s=wait_s,
-        requests_remaining=req_left,
-        requests_reset_s=req_reset_ms / 1000,
-        tokens_remaining=tok_left,
-        tokens_reset_s=tok_reset_ms / 1000,
-    )

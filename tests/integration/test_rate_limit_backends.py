@@ -283,7 +283,9 @@ async def test_an_in_flight_slot_freed_while_redis_is_down_is_freed_when_it_is_b
             ticket, d = await admit(backend, ask(10, capped))
             assert d.allowed
             server.stop()
-            backend.release(ticket, 4)  # cannot get through: held
+            backend.release(ticket, 4)  # its slot is kept for reuse, then given back when idle
+            clock.advance(0.2)  # idle longer than lease_ms (100 ms)
+            await asyncio.sleep(0.15)  # the flush: its give-back fails
             await backend.batcher.drain()
             assert backend.breaker.state == "open"
             server.start()
