@@ -1,7 +1,7 @@
 """User-space instructions per request of the sidecar, counted by callgrind: a figure that does not
 move with the machine's load, for before/after comparisons of hot-path changes on a busy machine.
 
-    python -m bench.instructions [--middleware off|rate_limit] [--conns 8] [--requests 1000]
+    python -m bench.instructions [--middleware off|rate_limit] [--conns 8] [--requests 1000] [--out F]
 
 Starts the mock (CPU 0) and one sidecar under ``valgrind --tool=callgrind --instr-atstart=no`` (CPU
 1; with ``rate_limit``: the ``auth`` + Redis ``rate_limit`` of bench/ratelimit.py, against the Redis
@@ -58,7 +58,7 @@ async def _load(port: int, requests: int, conns: int) -> None:
     await asyncio.gather(*(_client(port, requests // conns, raw) for _ in range(conns)))
 
 
-def count(middleware: str, conns: int, requests: int) -> float:
+def count(middleware: str, conns: int, requests: int, keep: Path | None = None) -> float:
     """Instructions per request of one sidecar (see the module docstring)."""
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         raise BenchError("valgrind is needed: apt-get install -y valgrind")
@@ -90,6 +90,8 @@ def count(middleware: str, conns: int, requests: int) -> float:
         subprocess.run(["callgrind_control", "-i", "off", str(proc.pid)], check=True, capture_output=True)
         proc.send_signal(signal.SIGTERM)
         proc.wait(120)
+        if keep is not None:
+            shutil.copyfile(out, keep)
         found = _TOTALS.search(out.read_text(errors="replace"))
         if found is None:
             raise BenchError("callgrind wrote no totals")
@@ -101,9 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--middleware", choices=("off", "rate_limit"), default="rate_limit")
     p.add_argument("--conns", type=int, default=8)
     p.add_argument("--requests", type=int, default=1000)
+    p.add_argument("--out", type=Path, help="keep callgrind's output here (for callgrind_annotate)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        per_request = count(args.middleware, args.conns, args.requests)
+        per_request = count(args.middleware, args.conns, args.requests, args.out)
     except (BenchError, OSError, subprocess.SubprocessError) as e:
         say(f"failed: {e}")
         return 1

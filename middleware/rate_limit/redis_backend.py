@@ -77,6 +77,8 @@ class Allowance:
         "to_free",
         "tokens",
         "used_at",
+        "want_r",
+        "want_t",
     )
 
     def __init__(self, key: BucketKey, take_head: bytes, give_head: bytes, now: float) -> None:
@@ -93,6 +95,8 @@ class Allowance:
         self.since = now  # last call to Redis
         self.count = 0  # admissions since then
         self.reserved = 0  # tokens they reserved
+        self.want_r = 0  # what the last call asked for ahead
+        self.want_t = 0
         self.low_r = 0  # top up below these (half of what the last call handed out)
         self.low_t = 0
         self.left_r = 0  # what the bucket held after the last call (for the headers)
@@ -241,15 +245,23 @@ class RedisBackend:
             self._keep(a)
 
     def _wants(self, a: Allowance, now: float) -> tuple[int, int]:
-        """How much to take ahead: what the allowance admitted since its last call, scaled to lease_ms
-        (so calls come about once per lease_ms under a steady load)."""
+        """How much to take ahead: about lease_ms of this allowance's demand (what it admitted since
+        its last call, scaled); twice the last amount when that lasted less than lease_ms, so it
+        grows quickly to a steady load (the script caps it at an eighth of the bucket)."""
         count, reserved, elapsed = a.count, a.reserved, now - a.since
         a.since, a.count, a.reserved = now, 0, 0
         if self.lease_s <= 0 or count == 0:
             return 0, 0
-        scale = self.lease_s / max(elapsed, self.lease_s)
-        want_r = math.ceil(count * scale) if a.spec.requests is not None else 0
-        want_t = math.ceil(reserved * scale) if a.spec.tokens is not None else 0
+        if elapsed >= self.lease_s:
+            scale = self.lease_s / elapsed
+            want_r, want_t = math.ceil(count * scale), math.ceil(reserved * scale)
+        else:
+            want_r, want_t = 2 * max(count, a.want_r), 2 * max(reserved, a.want_t)
+        if a.spec.requests is None:
+            want_r = 0
+        if a.spec.tokens is None:
+            want_t = 0
+        a.want_r, a.want_t = want_r, want_t
         return want_r, want_t
 
     def _apply(self, a: Allowance, reply: bytes, now: float) -> Decision:
