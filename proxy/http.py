@@ -100,7 +100,7 @@ class RequestContext:
 class Request:
     """A complete client request. The body is small JSON (capped by limits.max_body_bytes)."""
 
-    __slots__ = ("_json", "body", "ctx", "headers", "method", "path", "query", "raw_target")
+    __slots__ = ("_json", "body", "ctx", "headers", "method", "model_read", "path", "query", "raw_target")
 
     def __init__(
         self,
@@ -123,6 +123,9 @@ class Request:
         self.body = body
         self.ctx = ctx
         self._json: Any = _UNPARSED
+        # proxy.requested_model.read_model's answer and the body it read (valid while that is
+        # still ``body``: a middleware that replaces the body invalidates it by doing so)
+        self.model_read: tuple[bytes, Any] | None = None
 
     def header(self, name: bytes) -> bytes | None:
         return self.headers.get(name)

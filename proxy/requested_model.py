@@ -2,7 +2,8 @@
 
 The forwarder routes by it and middleware decide by it (auth's allowed models, rate-limit buckets,
 circuit breakers), so what they check is what gets routed: a mislabelled JSON body is still read as
-JSON. The JSON body is parsed once and cached on the request (``Request.json``).
+JSON. The JSON body is parsed once and cached on the request (``Request.json``), and the whole
+reading too (``Request.model_read``): the forwarder and each middleware that asks pay for it once.
 """
 
 from __future__ import annotations
@@ -27,6 +28,16 @@ def read_model(request: Request) -> ModelRead:
     ``model`` is not a string.
     """
     body = request.body
+    cached = request.model_read
+    if cached is not None and cached[0] is body:
+        read: ModelRead = cached[1]
+        return read
+    read = _read_model(request, body)
+    request.model_read = (body, read)
+    return read
+
+
+def _read_model(request: Request, body: bytes) -> ModelRead:
     if not body or request.method in _NO_BODY:
         return None, None, None
     content_type = request.headers.get(b"content-type")

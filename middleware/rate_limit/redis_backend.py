@@ -94,7 +94,7 @@ class Allowance:
         self.used_at = now  # last admission or release
         self.since = now  # last call to Redis
         self.count = 0  # admissions since then
-        self.reserved = 0  # tokens they reserved
+        self.reserved = 0  # tokens used meanwhile: reserved at admission, less refunds since
         self.want_r = 0  # what the last call asked for ahead
         self.want_t = 0
         self.low_r = 0  # top up below these (half of what the last call handed out)
@@ -151,6 +151,7 @@ class RedisBackend:
         a, member, granted = ticket.handle
         if ask.spec.tokens is not None:
             a.tokens -= used_tokens - ask.tokens
+            a.reserved += used_tokens - ask.tokens  # the net use: a refund comes back here
         if member:
             if self.lease_s > 0:
                 a.free.append((member, granted))
@@ -254,7 +255,7 @@ class RedisBackend:
             return 0, 0
         if elapsed >= self.lease_s:
             scale = self.lease_s / elapsed
-            want_r, want_t = math.ceil(count * scale), math.ceil(reserved * scale)
+            want_r, want_t = math.ceil(count * scale), math.ceil(max(reserved, 0) * scale)
         else:
             want_r, want_t = 2 * max(count, a.want_r), 2 * max(reserved, a.want_t)
         if a.spec.requests is None:
@@ -269,7 +270,8 @@ class RedisBackend:
         code, req_left, req_reset_ms, tok_left, tok_reset_ms, wait_ms, gr, gt = lua.REPLY.unpack(reply)
         a.requests += gr
         a.tokens += gt
-        a.low_r, a.low_t = gr // 2, gt // 2
+        if gr or gt:
+            a.low_r, a.low_t = gr // 2, gt // 2
         a.left_r, a.left_t = req_left, tok_left
         wait_s = math.inf if wait_ms < 0 else wait_ms / 1000
         if code == 3:
