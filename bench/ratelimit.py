@@ -3,8 +3,9 @@
 ``measure_rate_limit`` (called by ``bench.run`` after the main runs) finds a Redis (``REDIS_URL``, else
 127.0.0.1:6379, else a private ``redis-server`` on a free port, installed with apt-get when missing),
 starts two fresh sidecars in front of the mock on the proxy CPU, one without middleware ("off") and
-one with ``auth`` and a Redis ``rate_limit`` ("on", limits on requests, tokens and in-flight requests
-so an admission and a settlement both go to Redis), checks them, then loads them with wrk in
+one with ``auth`` and a Redis ``rate_limit`` ("on", limits on requests, tokens and in-flight requests,
+``lease_ms`` at its default: the sidecar takes requests and tokens ahead and asks Redis about once per
+lease, not per request), checks them, then loads them with wrk in
 interleaved rounds (off/on, then on/off, …) so machine drift hits both: non-streaming chat at 8
 connections (p50 latency and CPU µs/request, the bars) and at 64 (CPU, for information). Both get the
 same requests, ``Authorization: Bearer`` included. The limits are far above what wrk can send: the
@@ -282,7 +283,8 @@ def section(result: RateLimitResult) -> str:
 
 - Two fresh sidecars in front of the same mock, on the proxy CPU: "off" without middleware, "on" with
   `auth` (one key) and `rate_limit` (`backend: redis`, requests, tokens and in-flight limits far above
-  the load: an admission and a settlement per request, nothing refused). Redis: {result.redis};
+  the load, nothing refused; `lease_ms` at its default, 100: admissions from what the sidecar took
+  ahead, Redis asked about once per 100 ms, not per request). Redis: {result.redis};
   one the bench does not start is not pinned, so it may run on the proxy's CPU (p50 shows it more
   than CPU per request does).
 - wrk as above, `Authorization: Bearer …` on every request to both; {result.rounds} interleaved rounds
