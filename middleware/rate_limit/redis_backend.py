@@ -88,7 +88,8 @@ class Allowance:
         self.give_head = give_head
         self.requests = 0  # taken ahead from Redis, not used yet
         self.tokens = 0  # likewise (below zero: settlements' charges Redis has not seen yet)
-        self.free: list[tuple[bytes, float]] = []  # in-flight members registered and free: (member, when)
+        # in-flight members registered and free: (member, registered at, freed at)
+        self.free: list[tuple[bytes, float, float]] = []
         self.to_free: list[bytes] = []  # members Redis must drop
         self.in_use = 0  # admitted requests not yet released, and takes under way
         self.used_at = now  # last admission or release
@@ -154,7 +155,7 @@ class RedisBackend:
             a.reserved += used_tokens - ask.tokens  # the net use: a refund comes back here
         if member:
             if self.lease_s > 0:
-                a.free.append((member, granted))
+                a.free.append((member, granted, self.clock.now()))
             else:
                 a.to_free.append(member)
         a.in_use -= 1
@@ -222,7 +223,7 @@ class RedisBackend:
         """A registered in-flight member of the allowance to reuse (b"" when none is fresh)."""
         free = a.free
         while free:
-            member, granted = free.pop()
+            member, granted, _ = free.pop()
             if now - granted < self.reuse_s:
                 return member, granted
             a.to_free.append(member)  # about to expire in Redis: drop it, register a new one
@@ -232,7 +233,7 @@ class RedisBackend:
         """A take that admitted nothing: its members back where they were."""
         a.in_use -= 1
         if reused:
-            a.free.append((reused, granted))
+            a.free.append((reused, granted, self.clock.now()))
         a.to_free.extend(freed)  # freeing a member twice (or one never added) is harmless
         if self._timer is None:
             self._arm()
@@ -345,7 +346,7 @@ class RedisBackend:
         idle_since = now - self.lease_s
         for key, a in list(self._allowances.items()):
             if everything or a.used_at <= idle_since:
-                a.to_free.extend(member for member, _ in a.free)
+                a.to_free.extend(member for member, _, _ in a.free)
                 a.free.clear()
                 back_r, back_t = a.requests, a.tokens
                 a.requests = a.tokens = 0
@@ -355,10 +356,17 @@ class RedisBackend:
                 if a.in_use == 0 and not a.calling and not a.to_free:
                     del self._allowances[key]
             else:
+                # Slots not reused for lease_ms go back (the key's other sidecars may need them), and
+                # so do those about to expire in Redis.
                 stale = now - self.reuse_s
-                if a.free and a.free[0][1] <= stale:
-                    a.to_free.extend(m for m, g in a.free if g <= stale)
-                    a.free = [(m, g) for m, g in a.free if g > stale]
+                if a.free and (a.free[0][2] <= idle_since or a.free[0][1] <= stale):
+                    keep = []
+                    for entry in a.free:
+                        if entry[2] > idle_since and entry[1] > stale:
+                            keep.append(entry)
+                        else:
+                            a.to_free.append(entry[0])
+                    a.free = keep
                 if a.tokens < 0 or a.to_free:
                     back_t = min(a.tokens, 0)
                     a.tokens -= back_t

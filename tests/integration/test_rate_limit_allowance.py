@@ -182,3 +182,23 @@ async def test_two_sidecars_share_one_bucket_exactly(
     finally:
         await one.aclose()
         await two.aclose()
+
+
+async def test_a_busy_sidecar_gives_back_the_slots_it_no_longer_reuses(
+    counted: Counted, clock: FakeClock, store: redis.Redis, redis_prefix: str
+) -> None:
+    """After a peak, the slots a sidecar keeps for reuse shrink to what it still uses: the rest go
+    back after lease_ms unused, for the key's other sidecars."""
+    capped = LimitSpec(requests=None, tokens=None, max_in_flight=8)
+    slots = f"{redis_prefix}{{acme}}:inflight:k1"
+    peak = [await counted.admit(ask(0, capped)) for _ in range(2)]
+    for ticket in peak:
+        counted.backend.release(ticket, 0)
+    assert store.zcard(slots) == 2
+    clock.advance(0.05)
+    counted.backend.release(await counted.admit(ask(0, capped)), 0)  # one slot still in use
+    clock.advance(0.07)  # the other unused for 120 ms; the allowance itself used 70 ms ago
+    await asyncio.sleep(0.15)
+    await counted.backend.batcher.drain()
+    assert store.zcard(slots) == 1
+    assert len(counted.backend._allowances) == 1  # still active: kept
