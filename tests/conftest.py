@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+import redis
 
 from tests.redis_proc import RedisServer, shared_redis_url
 
@@ -32,3 +33,11 @@ def private_redis() -> Iterator[RedisServer]:
     """A redis-server of this test alone, which it may stop, restart or flush."""
     with RedisServer() as server:
         yield server
+
+
+@pytest.fixture
+def sync_redis(redis_url: str) -> Iterator[redis.Redis]:
+    """A plain redis-py client of the tests' Redis, to look at what the sidecar wrote."""
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -63,15 +63,8 @@ async def counted(clock: FakeClock, redis_url: str, redis_prefix: str) -> AsyncI
     await backend.aclose()
 
 
-@pytest.fixture
-def store(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
-
-
-def bucket(store: redis.Redis, prefix: str) -> tuple[float, float]:
-    r, t = store.hmget(f"{prefix}{{acme}}:demo-model", "r", "t")
+def bucket(sync_redis: redis.Redis, prefix: str) -> tuple[float, float]:
+    r, t = sync_redis.hmget(f"{prefix}{{acme}}:demo-model", "r", "t")
     assert r is not None and t is not None
     return float(r), float(t)
 
@@ -106,15 +99,15 @@ async def test_without_lease_ms_every_request_asks_redis(
 
 
 async def test_what_an_allowance_holds_goes_back_when_idle(
-    counted: Counted, clock: FakeClock, store: redis.Redis, redis_prefix: str
+    counted: Counted, clock: FakeClock, sync_redis: redis.Redis, redis_prefix: str
 ) -> None:
     tickets = [await counted.admit(ask(10)) for _ in range(300)]
     for ticket in tickets:
         counted.backend.release(ticket, 10)  # used what it reserved
-    r, t = bucket(store, redis_prefix)
+    r, t = bucket(sync_redis, redis_prefix)
     assert r < 1000 - 300 and t < 100_000 - 3000  # more was taken ahead than admitted
     await idle_flush(counted.backend, clock)
-    r, t = bucket(store, redis_prefix)
+    r, t = bucket(sync_redis, redis_prefix)
     # Exactly what was used is gone, plus 0.2 s of refill.
     assert r == pytest.approx(1000 - 300 + 0.2 * 1)
     assert t == pytest.approx(100_000 - 3000 + 0.2 * 100)
@@ -122,7 +115,7 @@ async def test_what_an_allowance_holds_goes_back_when_idle(
 
 
 async def test_near_its_limit_a_bucket_hands_out_nothing_ahead(
-    counted: Counted, clock: FakeClock, store: redis.Redis, redis_prefix: str
+    counted: Counted, clock: FakeClock, sync_redis: redis.Redis, redis_prefix: str
 ) -> None:
     small = dataclasses.replace(ROOMY, requests=Rate(60, 8.0))  # 8 requests, an eighth of 7 is 0
     for _ in range(8):
@@ -134,35 +127,35 @@ async def test_near_its_limit_a_bucket_hands_out_nothing_ahead(
 
 
 async def test_a_settlements_charge_reaches_redis_while_requests_go_on(
-    counted: Counted, clock: FakeClock, store: redis.Redis, redis_prefix: str
+    counted: Counted, clock: FakeClock, sync_redis: redis.Redis, redis_prefix: str
 ) -> None:
     ticket = await counted.admit(ask(10))
     counted.backend.release(ticket, 5010)  # used 5000 more than it reserved: a debt
     clock.advance(0.01)  # still active (not idle): only the debt goes
     await asyncio.sleep(0.15)
     await counted.backend.batcher.drain()
-    _, t = bucket(store, redis_prefix)
+    _, t = bucket(sync_redis, redis_prefix)
     assert t == pytest.approx(100_000 - 5010 + 0.01 * 100)
 
 
 async def test_a_freed_in_flight_slot_is_reused_then_given_back(
-    counted: Counted, clock: FakeClock, store: redis.Redis, redis_prefix: str
+    counted: Counted, clock: FakeClock, sync_redis: redis.Redis, redis_prefix: str
 ) -> None:
     capped = LimitSpec(requests=None, tokens=None, max_in_flight=2)
     slots = f"{redis_prefix}{{acme}}:inflight:k1"
     first = await counted.admit(ask(0, capped))
-    assert counted.calls == 1 and store.zcard(slots) == 1
+    assert counted.calls == 1 and sync_redis.zcard(slots) == 1
     counted.backend.release(first, 0)
     second = await counted.admit(ask(0, capped))
     assert counted.calls == 1  # the freed slot, reused: no call
     third = await counted.admit(ask(0, capped))  # none free here: Redis registers another
-    assert counted.calls == 2 and store.zcard(slots) == 2
+    assert counted.calls == 2 and sync_redis.zcard(slots) == 2
     refused = await counted.backend.acquire(ask(0, capped))
     assert refused.decision is not None and refused.decision.reason == "in_flight"
     counted.backend.release(second, 0)
     counted.backend.release(third, 0)
     await idle_flush(counted.backend, clock)
-    assert store.zcard(slots) == 0
+    assert sync_redis.zcard(slots) == 0
 
 
 async def test_two_sidecars_share_one_bucket_exactly(
@@ -185,7 +178,7 @@ async def test_two_sidecars_share_one_bucket_exactly(
 
 
 async def test_a_busy_sidecar_gives_back_the_slots_it_no_longer_reuses(
-    counted: Counted, clock: FakeClock, store: redis.Redis, redis_prefix: str
+    counted: Counted, clock: FakeClock, sync_redis: redis.Redis, redis_prefix: str
 ) -> None:
     """After a peak, the slots a sidecar keeps for reuse shrink to what it still uses: the rest go
     back after lease_ms unused, for the key's other sidecars."""
@@ -194,11 +187,11 @@ async def test_a_busy_sidecar_gives_back_the_slots_it_no_longer_reuses(
     peak = [await counted.admit(ask(0, capped)) for _ in range(2)]
     for ticket in peak:
         counted.backend.release(ticket, 0)
-    assert store.zcard(slots) == 2
+    assert sync_redis.zcard(slots) == 2
     clock.advance(0.05)
     counted.backend.release(await counted.admit(ask(0, capped)), 0)  # one slot still in use
     clock.advance(0.07)  # the other unused for 120 ms; the allowance itself used 70 ms ago
     await asyncio.sleep(0.15)
     await counted.backend.batcher.drain()
-    assert store.zcard(slots) == 1
+    assert sync_redis.zcard(slots) == 1
     assert len(counted.backend._allowances) == 1  # still active: kept

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import redis
@@ -132,13 +132,6 @@ async def redis_store(clock: FakeClock, redis_url: str, redis_prefix: str) -> As
     backend = RedisBackend(config, clock, now=clock.now)
     yield backend
     await backend.aclose()
-
-
-@pytest.fixture
-def sync_redis(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
 
 
 async def test_keys_are_hash_tagged_by_scope_and_expire(
