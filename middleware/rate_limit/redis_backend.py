@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import math
 import os
 from collections.abc import Callable
 from typing import Any, Final
@@ -30,9 +29,9 @@ from urllib.parse import urlsplit
 from redis.exceptions import RedisError
 
 from middleware.rate_limit import lua
+from middleware.rate_limit.allowance import Allowance, BucketKey
 from middleware.rate_limit.backend import Ask, Ticket
 from middleware.rate_limit.breaker import CLOSED, Breaker
-from middleware.rate_limit.bucket import IN_FLIGHT_RETRY_S, Decision, LimitSpec, Reason
 from middleware.rate_limit.config import RateLimitConfig
 from middleware.rate_limit.redis_batcher import (
     ScriptBatcher,
@@ -47,62 +46,9 @@ from proxy.errors import RateLimiterUnavailable
 
 log = logging.getLogger("llm_sidecar.rate_limit")
 
-REASONS: Final[tuple[Reason, ...]] = ("", "requests", "tokens", "in_flight", "too_large")
 HEAD_ITEMS: Final = 12  # EVALSHA, sha, 2, two keys, op and six constant arguments (lua.py)
 MAX_FREED: Final = 1024  # in-flight members one call frees at most (more go with the next)
 MIN_FLUSH_S: Final = 0.005  # without lease_ms, settlements still gather this long per call
-
-BucketKey = tuple[str, str, str, LimitSpec]  # (scope, model, key id, spec)
-
-
-class Allowance:
-    """What this sidecar holds of one (scope, model) bucket and one key's in-flight slots."""
-
-    __slots__ = (
-        "calling",
-        "count",
-        "free",
-        "give_head",
-        "in_use",
-        "key",
-        "left_r",
-        "left_t",
-        "low_r",
-        "low_t",
-        "requests",
-        "reserved",
-        "since",
-        "spec",
-        "take_head",
-        "to_free",
-        "tokens",
-        "used_at",
-        "want_r",
-        "want_t",
-    )
-
-    def __init__(self, key: BucketKey, take_head: bytes, give_head: bytes, now: float) -> None:
-        self.key = key
-        self.spec = key[3]
-        self.take_head = take_head  # the constant start of this bucket's two commands
-        self.give_head = give_head
-        self.requests = 0  # taken ahead from Redis, not used yet
-        self.tokens = 0  # likewise (below zero: settlements' charges Redis has not seen yet)
-        # in-flight members registered and free: (member, registered at, freed at)
-        self.free: list[tuple[bytes, float, float]] = []
-        self.to_free: list[bytes] = []  # members Redis must drop
-        self.in_use = 0  # admitted requests not yet released, and takes under way
-        self.used_at = now  # last admission or release
-        self.since = now  # last call to Redis
-        self.count = 0  # admissions since then
-        self.reserved = 0  # tokens used meanwhile: reserved at admission, less refunds since
-        self.want_r = 0  # what the last call asked for ahead
-        self.want_t = 0
-        self.low_r = 0  # top up below these (half of what the last call handed out)
-        self.low_t = 0
-        self.left_r = 0  # what the bucket held after the last call (for the headers)
-        self.left_t = 0
-        self.calling = False  # a top-up is under way
 
 
 class RedisBackend:
@@ -138,7 +84,7 @@ class RedisBackend:
         if (spec.requests is None or a.requests >= 1) and (spec.tokens is None or a.tokens >= need):
             member, granted = b"", 0.0
             if spec.max_in_flight:
-                member, granted = self._free_member(a, now)
+                member, granted = a.free_member(now, self.reuse_s)
             if member or not spec.max_in_flight:
                 return self._admit_here(a, ask, now, member, granted)
         if not self.breaker.allow():
@@ -184,17 +130,17 @@ class RedisBackend:
         a.used_at = now
         if (a.requests < a.low_r or a.tokens < a.low_t) and not a.calling:
             self._top_up(a, now)
-        return Ticket(ask, self._local_decision(a), (a, member, granted))
+        return Ticket(ask, a.local_decision(), (a, member, granted))
 
     async def _take(self, a: Allowance, ask: Ask, now: float) -> Ticket:
         """Ask Redis to admit the request, giving back what the allowance holds and taking more ahead."""
         spec = ask.spec
-        reused, granted = (b"", 0.0) if not spec.max_in_flight else self._free_member(a, now)
+        reused, granted = (b"", 0.0) if not spec.max_in_flight else a.free_member(now, self.reuse_s)
         new = b"%b:%d" % (self._instance, next(self._members)) if spec.max_in_flight and not reused else b""
         back_r, back_t, freed = a.requests, a.tokens, a.to_free[:MAX_FREED]
         a.requests = a.tokens = 0
         del a.to_free[:MAX_FREED]
-        want_r, want_t = self._wants(a, now)
+        want_r, want_t = a.wants(now, self.lease_s)
         a.in_use += 1  # so that _flush keeps the allowance meanwhile
         a.used_at = now
         data = self._command(a.take_head, ask.tokens, back_r, back_t, want_r, want_t, new, freed=freed)
@@ -210,7 +156,7 @@ class RedisBackend:
             if isinstance(e, RedisError) and not did_not_run(e):  # a bug, or a Redis too old for the script
                 log.error("rate_limit: the Redis script failed: %s", e)
             return self._unreachable(ask)
-        decision = self._apply(a, reply, now)
+        decision = a.book(reply)
         if not decision.allowed:
             self._put_back(a, reused, granted, [])
             return Ticket(ask, decision)
@@ -218,16 +164,6 @@ class RedisBackend:
         a.reserved += ask.tokens
         member = reused or new
         return Ticket(ask, decision, (a, member, granted if reused else now))
-
-    def _free_member(self, a: Allowance, now: float) -> tuple[bytes, float]:
-        """A registered in-flight member of the allowance to reuse (b"" when none is fresh)."""
-        free = a.free
-        while free:
-            member, granted, _ = free.pop()
-            if now - granted < self.reuse_s:
-                return member, granted
-            a.to_free.append(member)  # about to expire in Redis: drop it, register a new one
-        return b"", 0.0
 
     def _put_back(self, a: Allowance, reused: bytes, granted: float, freed: list[bytes]) -> None:
         """A take that admitted nothing: its members back where they were."""
@@ -246,69 +182,11 @@ class RedisBackend:
             a.tokens += gt + (tokens if reason == 0 else 0)
             self._keep(a)
 
-    def _wants(self, a: Allowance, now: float) -> tuple[int, int]:
-        """How much to take ahead: about lease_ms of this allowance's demand (what it admitted since
-        its last call, scaled); twice the last amount when that lasted less than lease_ms, so it
-        grows quickly to a steady load (the script caps it at an eighth of the bucket)."""
-        count, reserved, elapsed = a.count, a.reserved, now - a.since
-        a.since, a.count, a.reserved = now, 0, 0
-        if self.lease_s <= 0 or count == 0:
-            return 0, 0
-        if elapsed >= self.lease_s:
-            scale = self.lease_s / elapsed
-            want_r, want_t = math.ceil(count * scale), math.ceil(max(reserved, 0) * scale)
-        else:
-            want_r, want_t = 2 * max(count, a.want_r), 2 * max(reserved, a.want_t)
-        if a.spec.requests is None:
-            want_r = 0
-        if a.spec.tokens is None:
-            want_t = 0
-        a.want_r, a.want_t = want_r, want_t
-        return want_r, want_t
-
-    def _apply(self, a: Allowance, reply: bytes, now: float) -> Decision:
-        """Book a reply into the allowance; the decision it carries."""
-        code, req_left, req_reset_ms, tok_left, tok_reset_ms, wait_ms, gr, gt = lua.REPLY.unpack(reply)
-        a.requests += gr
-        a.tokens += gt
-        if gr or gt:
-            a.low_r, a.low_t = gr // 2, gt // 2
-        a.left_r, a.left_t = req_left, tok_left
-        wait_s = math.inf if wait_ms < 0 else wait_ms / 1000
-        if code == 3:
-            wait_s = IN_FLIGHT_RETRY_S
-        return Decision(
-            allowed=code == 0,
-            reason=REASONS[code],
-            retry_after_s=wait_s,
-            requests_remaining=req_left + a.requests,
-            requests_reset_s=req_reset_ms / 1000,
-            tokens_remaining=tok_left + max(a.tokens, 0),
-            tokens_reset_s=tok_reset_ms / 1000,
-        )
-
-    @staticmethod
-    def _local_decision(a: Allowance) -> Decision:
-        """An admission from the allowance: what this sidecar knows the bucket holds (the rest of the
-        fleet's allowances aside)."""
-        req, tok = a.spec.requests, a.spec.tokens
-        left_r = a.left_r + a.requests
-        left_t = a.left_t + (a.tokens if a.tokens > 0 else 0)
-        return Decision(
-            allowed=True,
-            reason="",
-            retry_after_s=0.0,
-            requests_remaining=left_r,
-            requests_reset_s=(req.capacity - left_r) / req.per_second if req is not None else 0.0,
-            tokens_remaining=left_t,
-            tokens_reset_s=(tok.capacity - left_t) / tok.per_second if tok is not None else 0.0,
-        )
-
     # -- the background: top-ups, giving back, settling ------------------------------------------------
     def _top_up(self, a: Allowance, now: float) -> None:
         if self.breaker.state != CLOSED:
             return
-        want_r, want_t = self._wants(a, now)
+        want_r, want_t = a.wants(now, self.lease_s)
         if not want_r and not want_t:
             return
         a.calling = True
@@ -327,7 +205,7 @@ class RedisBackend:
         a.calling = False
         error = done.exception() if not done.cancelled() else None
         if error is None and not done.cancelled():
-            self._apply(a, done.result(), self.clock.now())
+            a.book(done.result())
             return
         a.to_free.extend(freed)  # freeing twice is harmless: again later
         if isinstance(error, RedisError) and did_not_run(error) and back_t < 0:
