@@ -117,18 +117,7 @@ class FastDecoder:
                     header = dynamic[index - _STATIC_LEN - 1]
                 else:
                     header = self._entry(index)  # raises
-            elif first & 0x40:  # literal with incremental indexing (§6.2.1)
-                index = first & 0x3F
-                if index == 0x3F:
-                    index, pos = _integer(data, pos, index)
-                if index:
-                    name = _STATIC[index - 1][0] if index <= _STATIC_LEN else self._entry(index)[0]
-                else:
-                    name, pos = string(data, pos)
-                value, pos = string(data, pos)
-                header = (name, value)
-                self._add(name, value)
-            elif first & 0x20:  # dynamic table size update (§6.3), only before the first field
+            elif first & 0xE0 == 0x20:  # dynamic table size update (§6.3), only before the first field
                 if headers:
                     raise HPACKDecodingError("table size update not at the start of the block")
                 size = first & 0x1F
@@ -138,9 +127,11 @@ class FastDecoder:
                     raise InvalidTableSizeError("encoder exceeded the allowed table size")
                 self.header_table_size = size
                 continue
-            else:  # literal without indexing or never indexed (§6.2.2, §6.2.3)
-                index = first & 0x0F
-                if index == 0x0F:
+            else:  # a literal: with incremental indexing (§6.2.1), without or never indexed (§6.2.2-3)
+                indexing = first & 0x40
+                mask = 0x3F if indexing else 0x0F
+                index = first & mask
+                if index == mask:
                     index, pos = _integer(data, pos, index)
                 if index:
                     name = _STATIC[index - 1][0] if index <= _STATIC_LEN else self._entry(index)[0]
@@ -148,6 +139,8 @@ class FastDecoder:
                     name, pos = string(data, pos)
                 value, pos = string(data, pos)
                 header = (name, value)
+                if indexing:
+                    self._add(name, value)
             headers.append(header)
             inflated += _ENTRY_OVERHEAD + len(header[0]) + len(header[1])
             if inflated > limit:

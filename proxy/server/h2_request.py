@@ -61,12 +61,12 @@ def _check_regular(name: bytes, value: bytes) -> None:
         raise MalformedHeaders(f"te: {value!r} (only 'trailers' is allowed)")
 
 
+_REQUEST_PSEUDO = frozenset({b":method", b":path", b":scheme", b":authority"})
+
+
 def split_request(fields: Sequence[tuple[bytes, bytes]]) -> tuple[bytes, bytes, Headers]:
     """``(method, path, headers)`` of a request header block; ``:authority`` becomes ``host``."""
-    method: bytes | None = None
-    path: bytes | None = None
-    scheme: bytes | None = None
-    authority: bytes | None = None
+    pseudo: dict[bytes, bytes] = {}
     host: bytes | None = None
     cookies: list[bytes] | None = None
     headers = Headers()
@@ -80,24 +80,11 @@ def split_request(fields: Sequence[tuple[bytes, bytes]]) -> tuple[bytes, bytes, 
         if name[0] == 0x3A:  # ':'
             if regular:
                 raise MalformedHeaders(f"pseudo-header field {name!r} after a regular field")
-            if name == b":method":
-                if method is not None:
-                    raise MalformedHeaders("duplicate :method")
-                method = value
-            elif name == b":path":
-                if path is not None:
-                    raise MalformedHeaders("duplicate :path")
-                path = value
-            elif name == b":scheme":
-                if scheme is not None:
-                    raise MalformedHeaders("duplicate :scheme")
-                scheme = value
-            elif name == b":authority":
-                if authority is not None:
-                    raise MalformedHeaders("duplicate :authority")
-                authority = value
-            else:
+            if name not in _REQUEST_PSEUDO:
                 raise MalformedHeaders(f"pseudo-header field {name!r} is not allowed in a request")
+            if name in pseudo:
+                raise MalformedHeaders(f"duplicate {name.decode()}")
+            pseudo[name] = value
             continue
         regular = True
         if name in _CONNECTION_SPECIFIC:
@@ -121,6 +108,8 @@ def split_request(fields: Sequence[tuple[bytes, bytes]]) -> tuple[bytes, bytes, 
         raise MalformedHeaders(f"invalid header name {bad!r}")
     if b"".join([value for _, value in fields]).translate(None, _VALUE_OK):
         raise MalformedHeaders("a header value holds NUL, CR or LF")
+    method, path = pseudo.get(b":method"), pseudo.get(b":path")
+    scheme, authority = pseudo.get(b":scheme"), pseudo.get(b":authority")
     if method is None:
         raise MalformedHeaders("no :method")
     if method == b"CONNECT":
