@@ -43,7 +43,9 @@ class H2loadResult:
         seconds = float(finished.group(1)) / (1000 if finished.group(2) == "ms" else 1)
         done, succeeded = int(requests.group(3)), int(requests.group(4))
         # Done = succeeded + failed (failed: errored, timed out, or not 2xx/3xx); 3xx counts as an error here.
-        errors = done - int(status.group(1))
+        # A timed run's last answers can reach the status count and not "done" (seen: 2xx = done + 1):
+        # that is not a negative number of errors.
+        errors = max(0, done - int(status.group(1)))
         return cls(seconds, float(finished.group(3)), done, succeeded, errors)
 
 

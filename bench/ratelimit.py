@@ -42,7 +42,7 @@ from bench.procs import (
     wait_ready,
 )
 from bench.report import fmt, markdown_table
-from bench.servers import SIDECAR_CONFIG, Target, listening_url
+from bench.servers import SIDECAR_CONFIG, Target, run_sidecar
 from bench.wrk import Scenario, run_wrk
 
 LOCAL_REDIS = "redis://127.0.0.1:6379/0"
@@ -128,14 +128,6 @@ def find_redis(children: Children, workdir: Path, cpu: int) -> tuple[str, str]:
 # ---- the two sidecars ----------------------------------------------------------------------------
 
 
-def start_sidecar(children: Children, workdir: Path, name: str, config: str, cpu: int) -> Target:
-    path = workdir / f"{name}.yaml"
-    path.write_text(config)
-    proc = children.start(name, [sys.executable, "-m", "proxy", "--config", str(path)], cpu)
-    url = wait_ready(lambda: listening_url(children.log(name)), proc, name, lambda: children.log(name))
-    return Target(name, url, proc, (proc.pid,))
-
-
 def answer(target: Target, headers: str) -> bytes:
     with socket.create_connection((HOST, target.port), timeout=5) as conn:
         conn.sendall(request_bytes(target.port, SHORT, "Connection: close\r\n" + headers))
@@ -204,8 +196,8 @@ def measure_rate_limit(
     base = SIDECAR_CONFIG.format(host=HOST, upstream=mock.url)
     prefix = f"llm-sidecar-bench:{uuid.uuid4().hex[:8]}:"  # this run's own keys (they expire)
     limited = base + MIDDLEWARE.format(key=API_KEY, url=url, prefix=prefix)
-    off = start_sidecar(children, workdir, "sidecar-off", base, settings.proxy_cpu)
-    on = start_sidecar(children, workdir, "sidecar-on", limited, settings.proxy_cpu)
+    off = run_sidecar(children, workdir, "sidecar-off", base, settings.proxy_cpu)
+    on = run_sidecar(children, workdir, "sidecar-on", limited, settings.proxy_cpu)
     check_limited(on)
     rounds = 2 if settings.duration_s <= 2 else 4
     out = RateLimitResult(f"{url} ({whose})", rounds)

@@ -19,9 +19,9 @@ from pathlib import Path
 from bench.alone import run_alone
 from bench.common import HOST, Settings, say
 from bench.procs import Children, Tools
-from bench.ratelimit import Sample, off_on_rounds, start_sidecar
+from bench.ratelimit import Sample, off_on_rounds
 from bench.report import fmt, markdown_table
-from bench.servers import SIDECAR_CONFIG, Target
+from bench.servers import SIDECAR_CONFIG, Target, run_sidecar
 from bench.wrk import NS64, STREAM64, Scenario
 
 CPU_BAR = 1.15  # CPU µs/request on ÷ off, non-stream at 64 connections
@@ -50,8 +50,8 @@ def measure_resilience(
     children: Children, workdir: Path, mock: Target, tools: Tools, settings: Settings
 ) -> ResilienceResult:
     base = SIDECAR_CONFIG.format(host=HOST, upstream=mock.url)
-    off = start_sidecar(children, workdir, "sidecar-plain", base, settings.proxy_cpu)
-    on = start_sidecar(children, workdir, "sidecar-resilient", base + MIDDLEWARE, settings.proxy_cpu)
+    off = run_sidecar(children, workdir, "sidecar-plain", base, settings.proxy_cpu)
+    on = run_sidecar(children, workdir, "sidecar-resilient", base + MIDDLEWARE, settings.proxy_cpu)
     rounds = 2 if settings.duration_s <= 2 else 4
     out = ResilienceResult(rounds)
     say(f"retry + circuit_breaker off vs on: {rounds} interleaved rounds")

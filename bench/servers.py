@@ -45,41 +45,50 @@ class Target:
         return int(self.url.rsplit(":", 1)[1])
 
 
-def start_mock(children: Children, cpu: int) -> Target:
+def start_mock(children: Children, cpu: int, h2c: bool = False) -> Target:
+    """The mock backend (``h2c``: speaking HTTP/2 with prior knowledge, bench/h2.py's upstream)."""
+    name = "mock-h2c" if h2c else "mock"
     argv = [sys.executable, "-m", "bench.mock_backend", "--host", HOST, "--port", "0"]
-    proc = children.start("mock", argv, cpu)
-    url = wait_ready(
-        lambda: listening_url(children.log("mock")), proc, "mock backend", lambda: children.log("mock")
-    )
-    return Target("direct", url, proc, ())
+    proc = children.start(name, [*argv, "--h2c"] if h2c else argv, cpu)
+    url = wait_ready(lambda: listening_url(children.log(name)), proc, name, lambda: children.log(name))
+    return Target(name if h2c else "direct", url, proc, ())
 
 
-def start_nginx(children: Children, binary: str, workdir: Path, upstream: Target, cpu: int) -> Target:
-    prefix = workdir / "nginx"
+def start_nginx(
+    children: Children, binary: str, workdir: Path, upstream: Target, cpu: int, http2: bool = False
+) -> Target:
+    """nginx proxying ``upstream`` (``http2``: its listener speaks h2c, for bench/h2.py)."""
+    name = "nginx-h2c" if http2 else "nginx"
+    prefix = workdir / name
     prefix.mkdir()
     port = free_port()
-    conf = nginx.write_config(prefix, f"{HOST}:{port}", f"{HOST}:{upstream.port}")
-    proc = children.start("nginx", nginx.command(binary, prefix, conf), cpu)
+    conf = nginx.write_config(prefix, f"{HOST}:{port}", f"{HOST}:{upstream.port}", http2=http2)
+    proc = children.start(name, nginx.command(binary, prefix, conf), cpu)
 
     def log() -> str:
         error_log = prefix / "error.log"
-        return children.log("nginx") + (error_log.read_text(errors="replace") if error_log.exists() else "")
+        return children.log(name) + (error_log.read_text(errors="replace") if error_log.exists() else "")
 
-    wait_ready(lambda: accepts(port), proc, "nginx", log)
-    workers = wait_ready(lambda: child_pids(proc.pid) or None, proc, "nginx worker", log)
+    wait_ready(lambda: accepts(port), proc, name, log)
+    workers = wait_ready(lambda: child_pids(proc.pid) or None, proc, f"{name} worker", log)
     return Target("nginx", f"http://{HOST}:{port}", proc, (proc.pid, *workers))
 
 
-def start_sidecar(children: Children, workdir: Path, upstream: Target, cpu: int) -> Target:
-    config = workdir / "sidecar.yaml"
-    config.write_text(SIDECAR_CONFIG.format(host=HOST, upstream=upstream.url))
-    proc = children.start("sidecar", [sys.executable, "-m", "proxy", "--config", str(config)], cpu)
+def start_sidecar(children: Children, workdir: Path, upstream: Target, cpu: int, h2c: bool = False) -> Target:
+    """The sidecar with config.yaml's route to ``upstream`` (``h2c``: an h2c upstream, for bench/h2.py)."""
+    text = SIDECAR_CONFIG.format(host=HOST, upstream=upstream.url)
+    if h2c:
+        text = text.replace(f'url: "{upstream.url}"', f'url: "{upstream.url}", protocol: h2c')
+    return run_sidecar(children, workdir, "sidecar-h2c-upstream" if h2c else "sidecar", text, cpu)
 
-    def log() -> str:
-        return children.log("sidecar")
 
-    url = wait_ready(lambda: listening_url(log()), proc, "sidecar", log)
-    return Target("sidecar", url, proc, (proc.pid,))
+def run_sidecar(children: Children, workdir: Path, name: str, config: str, cpu: int) -> Target:
+    """A sidecar called ``name`` with the YAML ``config``, once it listens."""
+    path = workdir / f"{name}.yaml"
+    path.write_text(config)
+    proc = children.start(name, [sys.executable, "-m", "proxy", "--config", str(path)], cpu)
+    url = wait_ready(lambda: listening_url(children.log(name)), proc, name, lambda: children.log(name))
+    return Target(name, url, proc, (proc.pid,))
 
 
 def listening_url(log: str) -> str | None:

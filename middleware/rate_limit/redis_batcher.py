@@ -17,7 +17,6 @@ may have run although its answer was lost.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
@@ -26,8 +25,6 @@ from redis.exceptions import ClusterDownError, NoScriptError, RedisError, TryAga
 from middleware.rate_limit import lua
 from middleware.rate_limit.redis_conn import Endpoint, RedisConnection
 from middleware.rate_limit.resp import bulk
-
-log = logging.getLogger("llm_sidecar.rate_limit")
 
 Undo = Callable[[Any], None]
 Outcome = Callable[[BaseException | None, int], None]  # (None: it worked, else why not; calls)

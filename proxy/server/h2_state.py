@@ -39,7 +39,7 @@ from h2.errors import ErrorCodes
 from h2.events import Event, RequestReceived, StreamEnded
 from h2.exceptions import ProtocolError, StreamClosedError, StreamIDTooLowError, TooManyStreamsError
 from h2.frame_buffer import FrameBuffer
-from h2.stream import STREAM_OPEN, StreamInputs, StreamState
+from h2.stream import STREAM_OPEN, H2Stream, H2StreamStateMachine, StreamInputs, StreamState
 from hyperframe.flags import Flags
 from hyperframe.frame import DataFrame, Frame, HeadersFrame, RstStreamFrame
 
@@ -166,13 +166,8 @@ class LeanH2State(H2Connection):
                 stream_id, fields, end_stream, priority_weight, priority_depends_on, priority_exclusive
             )
             return
-        if self.state_machine.state is not _SERVER_OPEN:  # in SERVER_OPEN the input changes nothing
-            self.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
-        machine = stream.state_machine
-        machine.process_input(StreamInputs.SEND_HEADERS)
-        if end_stream:
-            machine.process_input(StreamInputs.SEND_END_STREAM)
-        elif machine.trailers_sent:
+        machine = self._sending(stream, ConnectionInputs.SEND_HEADERS, StreamInputs.SEND_HEADERS, end_stream)
+        if not end_stream and machine.trailers_sent:
             raise ProtocolError("Trailers must have END_STREAM set.")
         block = self.encoder.encode(fields)
         size = len(block)
@@ -191,6 +186,18 @@ class LeanH2State(H2Connection):
             out += _frame_header(len(part), _CONTINUATION, _END_HEADERS if last else 0, stream_id)
             out += part
 
+    def _sending(
+        self, stream: H2Stream, conn_input: ConnectionInputs, stream_input: StreamInputs, end_stream: bool
+    ) -> H2StreamStateMachine:
+        """The state machines' transitions for a frame sent on ``stream``; its machine."""
+        if self.state_machine.state is not _SERVER_OPEN:  # in SERVER_OPEN the input changes nothing
+            self.state_machine.process_input(conn_input)
+        machine = stream.state_machine
+        machine.process_input(stream_input)
+        if end_stream:
+            machine.process_input(StreamInputs.SEND_END_STREAM)
+        return machine
+
     def send_data(
         self, stream_id: int, data: bytes | memoryview, end_stream: bool = False, pad_length: Any = None
     ) -> None:
@@ -204,12 +211,7 @@ class LeanH2State(H2Connection):
         ):
             super().send_data(stream_id, data, end_stream, pad_length)  # h2 raises what it must
             return
-        if self.state_machine.state is not _SERVER_OPEN:  # in SERVER_OPEN the input changes nothing
-            self.state_machine.process_input(ConnectionInputs.SEND_DATA)
-        machine = stream.state_machine
-        machine.process_input(StreamInputs.SEND_DATA)
-        if end_stream:
-            machine.process_input(StreamInputs.SEND_END_STREAM)
+        self._sending(stream, ConnectionInputs.SEND_DATA, StreamInputs.SEND_DATA, end_stream)
         stream.outbound_flow_control_window -= size
         self.outbound_flow_control_window -= size
         out = self._data_to_send
