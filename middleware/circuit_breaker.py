@@ -29,7 +29,7 @@ from dataclasses import dataclass, fields
 
 from middleware.breaker_share import BreakerShare, SharedBreakerConfig
 from middleware.circuit_state import CircuitState, TripRules
-from proxy.body import tap_body
+from proxy.body import is_event_stream, tap_body
 from proxy.chain import Handler
 from proxy.config import opt
 from proxy.errors import NoHealthyTarget, ProxyError, UpstreamUnavailable
@@ -37,7 +37,6 @@ from proxy.http import Request, Response
 from proxy.registry import BuildContext
 from proxy.requested_model import requested_model
 from proxy.routing import Router
-from proxy.server.front import is_event_stream
 
 log = logging.getLogger("llm_sidecar.circuit_breaker")
 

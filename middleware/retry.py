@@ -22,12 +22,12 @@ import time
 from dataclasses import dataclass
 
 from middleware.retry_policy import Backoff, RetryBudget, retry_after_s
+from proxy.body import discard_body
 from proxy.chain import Handler
 from proxy.config import opt
 from proxy.errors import ProxyError
 from proxy.http import Request, Response
 from proxy.registry import BuildContext
-from proxy.server.front import discard_body
 
 ATTEMPTS_HEADER = b"x-retry-attempts"
 

@@ -15,10 +15,13 @@ Either way it also works as an async iterator.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Protocol, cast
 
-from proxy.http import BodySink, PipeableBody
+from proxy.http import BodySink, PipeableBody, Response
+
+log = logging.getLogger("llm_sidecar.body")
 
 
 class BodyTap(Protocol):
@@ -147,3 +150,29 @@ def tap_body(body: AsyncIterator[bytes], tap: BodyTap) -> TappedIterator:
     if callable(getattr(body, "pipe", None)):
         return TappedBody(cast(PipeableBody, body), tap)
     return TappedIterator(body, tap)
+
+
+async def aclose_body(body: AsyncIterator[bytes]) -> None:
+    """Close a streamed body a front stops reading (its ``aclose``, when it has one)."""
+    aclose = getattr(body, "aclose", None)
+    if aclose is not None:
+        try:
+            await aclose()
+        except Exception:
+            log.debug("error closing a response body", exc_info=True)
+
+
+def is_event_stream(response: Response) -> bool:
+    """An SSE response: one cut short after its head went out ends with an error event
+    (``proxy.errors.sse_error_event``), which the openai SDK raises, not with a bare cut."""
+    content_type = response.headers.get(b"content-type")
+    return content_type is not None and content_type.startswith(b"text/event-stream")
+
+
+def discard_body(response: Response) -> None:
+    """Drop a response that will never be sent: abort its streamed body, if any."""
+    body = response.body
+    if not isinstance(body, bytes):
+        abort = getattr(body, "abort", None)
+        if abort is not None:
+            abort()

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Protocol
 
@@ -17,7 +16,6 @@ from proxy.config import LimitsConfig
 from proxy.errors import ProxyError, error_body
 from proxy.http import Headers, Response
 
-log = logging.getLogger("llm_sidecar.front")
 
 
 class ClientConnection(Protocol):
@@ -102,32 +100,6 @@ def error_response(err: ProxyError) -> Response:
     headers = Headers([(b"content-type", b"application/json")])
     headers.extend(err.headers)
     return Response(err.status, headers, error_body(err))
-
-
-async def aclose_body(body: AsyncIterator[bytes]) -> None:
-    """Close a streamed body a front stops reading (its ``aclose``, when it has one)."""
-    aclose = getattr(body, "aclose", None)
-    if aclose is not None:
-        try:
-            await aclose()
-        except Exception:
-            log.debug("error closing a response body", exc_info=True)
-
-
-def is_event_stream(response: Response) -> bool:
-    """An SSE response: one cut short after its head went out ends with an error event
-    (``proxy.errors.sse_error_event``), which the openai SDK raises, not with a bare cut."""
-    content_type = response.headers.get(b"content-type")
-    return content_type is not None and content_type.startswith(b"text/event-stream")
-
-
-def discard_body(response: Response) -> None:
-    """Drop a response that will never be sent: abort its streamed body, if any."""
-    body = response.body
-    if not isinstance(body, bytes):
-        abort = getattr(body, "abort", None)
-        if abort is not None:
-            abort()
 
 
 def _status_lines() -> dict[int, bytes]:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
+from proxy.body import aclose_body, discard_body, is_event_stream
 from proxy.errors import (
     HeadersTooLarge,
     MalformedHttp,
@@ -32,13 +33,7 @@ from proxy.errors import (
     sse_error_event,
 )
 from proxy.http import Headers, PipeableBody, Request, RequestContext, Response
-from proxy.server.front import (
-    aclose_body,
-    discard_body,
-    error_response,
-    is_event_stream,
-    status_line,
-)
+from proxy.server.front import error_response, status_line
 
 if TYPE_CHECKING:
     from proxy.server.front import Front

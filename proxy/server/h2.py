@@ -18,7 +18,8 @@ Data is flushed once per batch of received frames, and otherwise once per loop i
 
 The h2 state machine is h2's with shorter paths for the frames every request and response uses
 (proxy/server/h2_state.py); request headers are HPACK-decoded by h2_decoder.py and checked and
-split by h2_request.py (h2's own validation is off); response headers are encoded by h2_encoder.py.
+split by h2_request.py (h2's own validation is off); headers are encoded by
+proxy/h2/hpack_encoder.py.
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ from hyperframe.frame import GoAwayFrame
 
 from proxy.config import Http2Config
 from proxy.errors import PayloadTooLarge, RequestTimeout
+from proxy.h2.hpack_encoder import StaticEncoder
 from proxy.http import Headers, Request, RequestContext, Response
 from proxy.server.h2_decoder import FastDecoder
-from proxy.server.h2_encoder import StaticEncoder
 from proxy.server.h2_guard import ENHANCE_YOUR_CALM, FrameGuard, Violation
 from proxy.server.h2_request import MalformedHeaders, check_trailers, split_request
 from proxy.server.h2_state import LeanH2State, front_config

@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, cast
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError, StreamClosedError
 
+from proxy.body import aclose_body, discard_body, is_event_stream
 from proxy.errors import ProxyError, internal_error, sse_error_event
 from proxy.http import HOP_BY_HOP, Headers, PipeableBody, Request, Response
-from proxy.server.front import aclose_body, discard_body, error_response, is_event_stream
+from proxy.server.front import error_response
 
 if TYPE_CHECKING:
     from proxy.server.h2 import H2Connection

@@ -41,8 +41,8 @@ from h2.exceptions import ProtocolError, StreamClosedError, TooManyStreamsError
 from h2.settings import SettingCodes, Settings
 
 from proxy.errors import UpstreamClosed, UpstreamProtocolError, UpstreamTimeout
+from proxy.h2.hpack_encoder import StaticEncoder
 from proxy.http import Headers
-from proxy.server.h2_encoder import StaticEncoder
 from proxy.upstream.base import RESPONSE_DROP
 from proxy.upstream.h2_body import H2Body
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hpack import Decoder
 
-from proxy.server.h2_encoder import StaticEncoder
+from proxy.h2.hpack_encoder import StaticEncoder
 
 RESPONSE = [
     (b":status", b"200"),
@@ -54,7 +54,7 @@ def test_names_are_sent_lower_case_and_static_fields_by_index() -> None:
 
 
 def test_the_field_cache_stays_bounded_and_skips_request_ids() -> None:
-    from proxy.server.h2_encoder import CACHE_ENTRIES
+    from proxy.h2.hpack_encoder import CACHE_ENTRIES
 
     encoder, decoder = StaticEncoder(), Decoder()
     for i in range(5 * CACHE_ENTRIES):

@@ -1,4 +1,5 @@
-"""A stateless HPACK encoder for the HTTP/2 front's response headers (RFC 7541).
+"""A stateless HPACK encoder (RFC 7541): the front's response headers and the upstream pool's
+request headers.
 
 hpack's own encoder searches its tables linearly and Huffman-codes every string, in Python: that
 was the largest cost of a small HTTP/2 response. Response headers here are few and mostly differ
