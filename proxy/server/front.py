@@ -17,7 +17,6 @@ from proxy.errors import ProxyError, error_body
 from proxy.http import Headers, Response
 
 
-
 class ClientConnection(Protocol):
     def close_when_idle(self) -> None:
         """Finish what is in flight, then close (graceful shutdown)."""
