@@ -37,7 +37,7 @@ from proxy.requested_model import requested_model
 log = logging.getLogger("llm_sidecar.auth")
 
 CREDENTIAL_HEADERS: Final = frozenset({b"authorization", b"api-key"})
-_CHALLENGE: Final = [(b"www-authenticate", b'Bearer realm="llm-sidecar"')]
+_CHALLENGE: Final = ((b"www-authenticate", b'Bearer realm="llm-sidecar"'),)
 
 
 @dataclass(frozen=True)

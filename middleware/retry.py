@@ -72,7 +72,7 @@ class Retry:
         if config.on_429:
             statuses.add(429)
         self.statuses = frozenset(statuses)
-        self._counts = [b"%d" % n for n in range(config.attempts)]
+        self._counts = tuple(b"%d" % n for n in range(config.attempts))
 
     async def __call__(self, request: Request, next: Handler) -> Response:
         ctx = request.ctx

@@ -6,7 +6,12 @@ in exactly one place, :func:`error_body`, which every front uses.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import orjson
+
+# What an error adds to its answer's headers: (lower-case name, value) pairs.
+ErrorHeaders = Iterable[tuple[bytes, bytes]]
 
 
 class ProxyError(Exception):
@@ -26,14 +31,16 @@ class ProxyError(Exception):
         *,
         param: str | None = None,
         code: str | None = None,
-        headers: list[tuple[bytes, bytes]] | None = None,
+        headers: ErrorHeaders = (),
     ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         if code is not None:
             self.code = code
-        self.headers = headers or []
+        # Its own list, copied from what it is given: a middleware may add to it (retry's
+        # x-retry-attempts) without touching the caller's value, which may be shared.
+        self.headers: list[tuple[bytes, bytes]] = list(headers)
 
 
 class InvalidRequest(ProxyError):
@@ -82,7 +89,7 @@ class RateLimited(ProxyError):
     type = "requests"
     code = "rate_limit_exceeded"
 
-    def __init__(self, message: str, *, kind: str, headers: list[tuple[bytes, bytes]]) -> None:
+    def __init__(self, message: str, *, kind: str, headers: ErrorHeaders) -> None:
         super().__init__(message, headers=headers)
         self.type = kind
 

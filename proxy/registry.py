@@ -11,19 +11,23 @@ import dataclasses
 import importlib
 import inspect
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Final
 
 from proxy.clock import Clock
 from proxy.routing import Router
 
-BUILTIN: dict[str, str] = {
-    "headers": "middleware.headers:HeadersMiddleware",
-    "auth": "middleware.auth:Auth",
-    "rate_limit": "middleware.rate_limit:RateLimit",
-    "retry": "middleware.retry:Retry",
-    "circuit_breaker": "middleware.circuit_breaker:CircuitBreaker",
-}
+BUILTIN: Final[Mapping[str, str]] = MappingProxyType(
+    {
+        "headers": "middleware.headers:HeadersMiddleware",
+        "auth": "middleware.auth:Auth",
+        "rate_limit": "middleware.rate_limit:RateLimit",
+        "retry": "middleware.retry:Retry",
+        "circuit_breaker": "middleware.circuit_breaker:CircuitBreaker",
+    }
+)
 
 
 @dataclass(frozen=True)

@@ -253,3 +253,31 @@ async def test_the_models_listing_shows_only_the_keys_models(auth: Auth) -> None
     assert isinstance(unfiltered.body, bytes) and len(orjson.loads(unfiltered.body)["data"]) == 2
     with pytest.raises(ModelNotFound):
         await auth(make_request([(b"api-key", b"sk-one")], path="/v1/models/other-model"), Upstream())
+
+
+async def test_retry_ahead_of_auth_leaves_each_401_with_its_own_headers(auth: Auth) -> None:
+    """Retry appends x-retry-attempts to an error's headers: each error owns them, so the 401s
+    stay alike and nothing auth hands out grows from one request to the next."""
+    from middleware import auth as auth_module
+    from middleware.retry import Retry, RetryConfig
+    from proxy.chain import compose
+
+    challenge_before = list(auth_module._CHALLENGE)
+    retry = Retry(RetryConfig(), BuildContext(FakeClock(), random.Random(1), ("demo-model",)))
+    handler = compose([retry, auth], Upstream())
+    for headers in ([], [(b"api-key", b"sk-nope")], []):
+        with pytest.raises(InvalidApiKey) as info:
+            await handler(make_request(headers, {"model": "demo-model"}))
+        assert info.value.headers == [
+            (b"www-authenticate", b'Bearer realm="llm-sidecar"'),
+            (b"x-retry-attempts", b"0"),
+        ]
+    assert list(auth_module._CHALLENGE) == challenge_before
+
+
+def test_an_error_owns_its_headers() -> None:
+    given = [(b"retry-after", b"1")]
+    err = InvalidApiKey("no", headers=given)
+    err.headers.append((b"x-more", b"1"))
+    assert given == [(b"retry-after", b"1")]
+    assert InvalidApiKey("no", headers=given).headers == [(b"retry-after", b"1")]
