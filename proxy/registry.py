@@ -66,4 +66,12 @@ def resolve(type_name: str) -> Any:
         raise ValueError(f"{spec} must have a 'Config' dataclass attribute (see middleware/headers.py)")
     if not isinstance(cls, type) or not inspect.iscoroutinefunction(cls.__call__):
         raise ValueError(f"{spec} is not callable as 'async def __call__(self, request, next)'")
+    signature = inspect.signature(cls.__call__)
+    try:  # the chain calls it as (request, next), positionally (see proxy.chain.compose)
+        signature.bind(None, None, None)
+    except TypeError:
+        raise ValueError(
+            f"{spec}.__call__{signature} must take (request, next) as its two positional parameters: "
+            "async def __call__(self, request, next)"
+        ) from None
     return cls

@@ -55,3 +55,46 @@ class Cancels:
         if request.headers.get(b"x-test") == self.when:
             raise asyncio.CancelledError
         return await next(request)
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    pass
+
+
+class OtherNames:
+    """A user's middleware whose parameters are not called ``request`` and ``next``."""
+
+    Config = NoOptions
+
+    def __init__(self, config: NoOptions, context: BuildContext) -> None:
+        pass
+
+    async def __call__(self, req: Request, handler: Handler) -> Response:
+        response = await handler(req)
+        response.headers.append((b"x-other-names", b"1"))
+        return response
+
+
+class TakesOnlyTheRequest:
+    """Cannot be called as ``(request, next)``: refused when the config is loaded."""
+
+    Config = NoOptions
+
+    def __init__(self, config: NoOptions, context: BuildContext) -> None:
+        pass
+
+    async def __call__(self, request: Request) -> Response:
+        raise AssertionError("never called")
+
+
+class NextByKeywordOnly:
+    """``next`` keyword-only: cannot be called as ``(request, next)`` either."""
+
+    Config = NoOptions
+
+    def __init__(self, config: NoOptions, context: BuildContext) -> None:
+        pass
+
+    async def __call__(self, request: Request, *, next: Handler) -> Response:
+        raise AssertionError("never called")
