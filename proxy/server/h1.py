@@ -88,6 +88,9 @@ class H1Connection(asyncio.Protocol):
         self._job_http11 = True  # whether its client speaks HTTP/1.1
         self._wake: asyncio.Future[None] | None = None  # _serve waits on it for the next job
         self._producer: PipeableBody | None = None  # the body being piped to us
+        # While a piped body replays what it holds (inside pipe()), writes gather here and leave
+        # in one: a response that arrived whole is one write, head included.
+        self._cork: list[bytes] | None = None
         self._chunked = False  # current streamed response uses chunked framing
         self._sse = False  # current streamed response is SSE without Content-Length (see fail)
         self._keep_alive = True  # of the response being written
@@ -427,13 +430,15 @@ class H1Connection(asyncio.Protocol):
             self._write_whole(response, body, request, http11)
         elif hasattr(body, "pipe"):  # a PipeableBody: an UpstreamBody, or a middleware's wrapper of one
             pipeable = cast(PipeableBody, body)
+            self._cork = []
             self._write_head(response, request, getattr(body, "length", None), http11)
             self._producer = pipeable
             pipeable.pipe(self)  # finish() / fail() complete the response, from upstream callbacks
+            self._uncork()
             if self._write_paused:  # the client is still behind on an earlier response
                 pipeable.pause_producing()
         else:
-            self._write_head(response, request, None, http11)
+            self._write_head(response, request, getattr(body, "length", None), http11)
             await self._write_iter(body)
 
     def _write_whole(self, response: Response, body: bytes, request: Request | None, http11: bool) -> None:
@@ -459,8 +464,7 @@ class H1Connection(asyncio.Protocol):
             framing = b""
             self._chunked = False
             self._keep_alive = False
-        if self.transport is not None:
-            self.transport.write(self._head(response, request, framing, http11))
+        self._send(self._head(response, request, framing, http11))
 
     def _head(self, response: Response, request: Request | None, framing: bytes, http11: bool) -> bytes:
         """The status line and header lines; ``framing`` is one header line without its CRLF, or b""."""
@@ -500,16 +504,28 @@ class H1Connection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if self.transport is None or self.closed:
             return
-        if self._chunked:
-            self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
-        else:
-            self.transport.write(data)
+        self._send(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
 
     def finish(self) -> None:
         self._producer = None
         if self._chunked and self.transport is not None and not self.closed:
-            self.transport.write(b"0\r\n\r\n")
+            self._send(b"0\r\n\r\n")
         self._response_done()
+
+    def _send(self, data: bytes) -> None:
+        cork = self._cork
+        if cork is not None:
+            cork.append(data)
+        elif self.transport is not None:
+            self.transport.write(data)
+
+    def _uncork(self) -> None:
+        cork = self._cork
+        if cork is None:
+            return
+        self._cork = None
+        if cork and self.transport is not None and not self.closed:
+            self.transport.write(cork[0] if len(cork) == 1 else b"".join(cork))
 
     def fail(self, exc: BaseException) -> None:
         """The upstream failed mid-body: the client must not mistake the cut for the end, so the
@@ -523,14 +539,16 @@ class H1Connection(asyncio.Protocol):
             # An SSE stream ends with an OpenAI-shaped error event (the openai SDK raises it), then
             # the end of the body, then the connection closes: never a cut that looks like the end.
             event = sse_error_event(exc)
-            transport.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(event), event) if self._chunked else event)
+            self._send(b"%x\r\n%b\r\n0\r\n\r\n" % (len(event), event) if self._chunked else event)
             self._response_done()
             return
         self._busy = False
+        self._cork = None
         self.abort()
 
     # -- connection management -------------------------------------------------------------------
     def _response_done(self) -> None:
+        self._uncork()
         self._busy = False
         if not self._keep_alive:
             if self._stop_parsing:

@@ -125,8 +125,9 @@ class H2Stream:
                 if self.paused and self.producer is pipeable:  # the replay filled the buffer
                     pipeable.pause_producing()
             else:
-                self.sse = is_event_stream(response)
-                self.send_head(response, None)
+                length = getattr(body, "length", None)
+                self.sse = length is None and is_event_stream(response)
+                self.send_head(response, length)
                 await self._write_iter(body)
         except asyncio.CancelledError:
             pass  # the stream was reset or the connection lost: cancel() has cleaned up

@@ -2,10 +2,11 @@
 
 An exchange: ``start(data)`` writes the whole request in one call and gives the future of the
 response head, which the pool awaits (``H1Pool.send``; a future, not a coroutine: one frame
-less). If the whole response arrived with the head (the usual non-streaming case), the body comes
-back as ``bytes`` and the connection is already back in the pool; otherwise an
-:class:`UpstreamBody` streams the rest, by callbacks into the front (``pipe``) or as an async
-iterator.
+less). If the whole response arrived with the head and was not chunked (the usual non-streaming
+case: Content-Length), the body comes back as ``bytes`` and the connection is already back in the
+pool; otherwise an :class:`UpstreamBody` streams the rest, by callbacks into the front (``pipe``) or
+as an async iterator. A chunked response stays a stream even when it arrived whole, so the client's
+framing never depends on how the reads fell.
 """
 
 from __future__ import annotations
@@ -172,6 +173,7 @@ class H1Connection(asyncio.Protocol):
         self._keep_alive = True
         self._length: int | None = None
         self._until_eof = False  # the body has neither a length nor chunks: the close ends it
+        self._chunked = False  # Transfer-Encoding: chunked
 
     # -- exchange ----------------------------------------------------------------------------------
     def start(self, data: bytes, head_only: bool, now: float) -> asyncio.Future[Response]:
@@ -243,15 +245,23 @@ class H1Connection(asyncio.Protocol):
         self._waiter = None
         self._head_deadline = INF
         headers = self._headers
-        if self._complete:
+        if self._complete and (not self._chunked or self._head_only):
             early = self._early
             body = early[0] if len(early) == 1 else b"".join(early)
             waiter.set_result(Response(self._status, headers, body))
             self._finish_exchange()
             return
         stream = UpstreamBody(self, self._early, self._length)
-        self._body = stream
         self._early = []
+        if self._complete:
+            # A chunked response whose end came with its head stays a stream: the client sees the
+            # framing the upstream chose, whatever the reads were, never Content-Length this time
+            # and chunked the next.
+            self._finish_exchange()
+            stream.end(None)
+            waiter.set_result(Response(self._status, headers, stream))
+            return
+        self._body = stream
         # As if read just now: a timer armed earlier (the head's) may fire before read_timeout_s
         # has passed, and must then only look again, not cut the stream.
         self._active = True
@@ -393,6 +403,7 @@ class H1Connection(asyncio.Protocol):
                 tokens = {t.strip().lower() for t in v.split(b",") if t.strip()}
                 if tokens:
                     self._headers = Headers([kv for kv in self._headers if kv[0] not in tokens])
+        self._chunked = chunked
         self._until_eof = self._length is None and not chunked
         self._head_done = True
         if self._head_only:

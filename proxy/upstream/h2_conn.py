@@ -1,10 +1,11 @@
 """One multiplexed HTTP/2 connection to an upstream, an asyncio.Protocol around h2 (client side).
 
 ``request()`` opens a stream (HEADERS, then the body within the peer's windows) and waits for the
-response head. A response that is complete in the batch of frames that brought its head comes back
-as ``bytes``; otherwise an :class:`~proxy.upstream.h2_body.H2Body` streams the rest, acknowledged
-as the client takes it. Per stream: the first-byte timeout (→ 504) and the read timeout (a gap
-between DATA frames; the stream is reset). Per connection one timer: PING after
+response head. A response that is complete in the batch of frames that brought its head, and has a
+content-length or no DATA at all, comes back as ``bytes``; otherwise an
+:class:`~proxy.upstream.h2_body.H2Body` streams the rest, acknowledged as the client takes it. Per
+stream: the first-byte timeout (→ 504) and the read timeout (a gap between DATA frames; the stream
+is reset). Per connection one timer: PING after
 ``h2_ping_interval_s`` of silence, closed if no frame comes back within ``h2_ping_timeout_s``;
 closed once idle (no streams) for ``idle_timeout_s``.
 
@@ -408,19 +409,25 @@ class H2UpstreamConnection(asyncio.Protocol):
                 st.timer = None
             status, headers, length = st.head
             early, st.early = st.early, []
-            if st.ended:
+            if st.ended and (length is not None or not early):
                 for _, flow in early:
                     self.acknowledge(st.sid, flow)
                 parts = [d for d, _ in early if d]
                 self._finish(st)
                 waiter.set_result((status, headers, parts[0] if len(parts) == 1 else b"".join(parts)))
                 continue
+            # Without a content-length a response is a stream even when it ended in this batch:
+            # the client's framing never depends on how the frames fell into reads.
             body = H2Body(self, st.sid, length)
             st.body = body
             for data, flow in early:
                 body.feed(data, flow)
-            st.active = False
-            self._arm_read(st)
+            if st.ended:
+                self._finish(st)
+                body.end(None)
+            else:
+                st.active = False
+                self._arm_read(st)
             waiter.set_result((status, headers, body))
 
     # -- timeouts --------------------------------------------------------------------------------

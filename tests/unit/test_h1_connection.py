@@ -5,7 +5,7 @@ through a fake transport, the chain replaced by a plain handler. For what the ra
 from __future__ import annotations
 
 import asyncio
-from typing import Any, cast
+from typing import cast
 
 from proxy.clock import MonotonicClock
 from proxy.config import LimitsConfig
@@ -14,41 +14,7 @@ from proxy.server.front import Front
 from proxy.server.h1 import H1Connection
 from proxy.upstream.h1 import H1Connection as UpstreamConnection
 from proxy.upstream.h1 import UpstreamBody
-
-
-class FakeTransport:
-    def __init__(self) -> None:
-        self.written = bytearray()
-        self.reading = True
-        self.closed = False
-        self.eof_written = False
-
-    def write(self, data: bytes) -> None:
-        self.written += data
-
-    def can_write_eof(self) -> bool:
-        return True
-
-    def write_eof(self) -> None:
-        self.eof_written = True
-
-    def pause_reading(self) -> None:
-        self.reading = False
-
-    def resume_reading(self) -> None:
-        self.reading = True
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 40000) if name == "peername" else default
+from tests.fake_transport import FakeTransport
 
 
 class FakeUpstream:
