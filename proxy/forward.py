@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import time
+from typing import Any
 
 import orjson
 
@@ -20,6 +21,22 @@ from proxy.routing import Router, Target
 from proxy.upstream.base import Upstream
 
 MODELS_PREFIX = "/v1/models/"
+
+# The OpenAI endpoints whose POST must name a model (their API reference: ``model`` required). A
+# request to one without a model is the client's mistake, answered 400 as OpenAI does, not sent to
+# the default upstream. Not here, as their model is optional at OpenAI and they go there:
+# moderations and images (a default model), files, batches, uploads, vector stores.
+MODEL_REQUIRED = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/responses",  # unless it names a stored prompt, which carries its model
+        "/v1/audio/speech",
+        "/v1/audio/transcriptions",
+        "/v1/audio/translations",
+    }
+)
 
 
 class Forwarder:
@@ -48,6 +65,8 @@ class Forwarder:
             return self._models_response(request)
         model, data, span = read_model(request)
         if model is None:
+            if path in MODEL_REQUIRED and request.method == "POST" and not _names_a_prompt(path, data):
+                raise InvalidRequest("Missing required parameter: 'model'.", param="model")
             upstream = self.fallback
             if upstream is None:
                 raise InvalidRequest(
@@ -82,3 +101,8 @@ class Forwarder:
             if m["id"] == wanted:
                 return Response.json(200, m)
         raise ModelNotFound(f"The model '{wanted}' does not exist", param="model")
+
+
+def _names_a_prompt(path: str, data: dict[str, Any] | None) -> bool:
+    """A Responses call from a stored prompt (``prompt: {id}``): the prompt names the model."""
+    return path == "/v1/responses" and data is not None and data.get("prompt") is not None

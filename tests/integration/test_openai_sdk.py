@@ -149,6 +149,56 @@ def test_a_file_upload_without_a_model_goes_to_the_only_upstream(client: OpenAI,
 # ---- errors the SDK must parse ------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/chat/completions", {"messages": HI}),
+        ("/completions", {"prompt": "say hi"}),
+        ("/embeddings", {"input": "x"}),
+        ("/responses", {"input": "x"}),
+        ("/audio/speech", {"input": "x", "voice": "alloy"}),
+        ("/chat/completions", {"model": None, "messages": HI}),
+    ],
+)
+def test_a_request_that_needs_a_model_and_names_none_is_400(
+    client: OpenAI, mock: MockProcess, path: str, body: dict[str, object]
+) -> None:
+    # The SDK insists on a model for these; its generic post sends the body as given.
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.post(path, body=body, cast_to=object)
+    assert (caught.value.type, caught.value.param) == ("invalid_request_error", "model")
+    assert "model" in caught.value.message
+    assert mock.stats()["requests"] == 0  # not forwarded to the default upstream
+
+
+@pytest.mark.parametrize("path", ["/v1/audio/transcriptions", "/v1/audio/translations"])
+def test_an_audio_upload_without_a_model_is_400(
+    sidecar: SidecarProcess, mock: MockProcess, path: str
+) -> None:
+    files = {"file": ("a.wav", b"RIFF" + bytes(64), "audio/wav")}
+    response = httpx.post(sidecar.url + path, files=files, timeout=5)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "model"
+    assert mock.stats()["requests"] == 0
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/moderations", {"input": "x"}),  # OpenAI: model optional (a default moderation model)
+        ("/v1/images/generations", {"prompt": "a cat"}),  # optional (a default image model)
+        ("/v1/responses", {"prompt": {"id": "pmpt_1"}, "input": "x"}),  # a stored prompt names it
+    ],
+)
+def test_a_request_whose_model_is_optional_goes_to_the_default_upstream(
+    sidecar: SidecarProcess, mock: MockProcess, path: str, body: dict[str, object]
+) -> None:
+    response = httpx.post(sidecar.url + path, json=body, timeout=5)
+    assert response.status_code == 200, response.text
+    seen = upstream_seen(mock)
+    assert (seen["path"], seen["json"]) == (path, body)
+
+
 def test_unknown_model_is_404_model_not_found(client: OpenAI, mock: MockProcess) -> None:
     with pytest.raises(openai.NotFoundError) as caught:
         client.chat.completions.create(model="gpt-unknown", messages=HI)
