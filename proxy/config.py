@@ -135,7 +135,7 @@ class Http2Config:
 
 @dataclass(frozen=True)
 class UpstreamConfig:
-    url: str = req("base URL: http://host:port or https://host[:port][/prefix]")
+    url: str = req("base URL: http://host:port or https://host[:port][/prefix], without the /v1")
     api_key: str = opt("", "sent as 'Authorization: Bearer …', replacing the client's credential")
     max_connections: int = opt(128, "connections open to this upstream at once", min=1)
     idle_timeout_s: float = opt(
@@ -175,6 +175,16 @@ class UpstreamConfig:
             address = parse_upstream_url(self.url)
         except ValueError as e:
             return [("url", str(e))]
+        if address.prefix == b"/v1" or address.prefix.endswith(b"/v1"):
+            # The SDK's base URL, an easy slip: the forwarder sends the client's /v1/... after it.
+            instead = self.url.rstrip("/").removesuffix("/v1")
+            return [
+                (
+                    "url",
+                    "must not end in /v1: the client's path (/v1/...) is sent after it, so requests "
+                    f"would go to /v1/v1/...; write {instead!r}",
+                )
+            ]
         if self.protocol == "h2c" and address.scheme != "http":
             return [("protocol", "h2c is HTTP/2 without TLS: use an http:// url, or protocol h2 for https")]
         if self.protocol == "h2" and address.scheme != "https":

@@ -318,7 +318,7 @@ listen:
   backlog: ${BACKLOG:-512}
 upstreams:
   mock:
-    url: "http://${MOCK_HOST}:8001/v1"
+    url: "http://${MOCK_HOST}:8001/openai"
     api_key: ${MOCK_KEY:-}
     connect_timeout_s: "${CONNECT_S:-2.5}"
 routes:
@@ -332,7 +332,7 @@ def test_interpolation_with_defaults() -> None:
     config = load(INTERPOLATED, env={"MOCK_HOST": "10.0.0.7"})
     assert config.listen.address == "127.0.0.1:8080"
     assert config.listen.backlog == 512
-    assert config.upstreams["mock"].url == "http://10.0.0.7:8001/v1"
+    assert config.upstreams["mock"].url == "http://10.0.0.7:8001/openai"
     assert config.upstreams["mock"].api_key == ""
     assert config.upstreams["mock"].connect_timeout_s == 2.5
     assert config.routes[0].targets[0].model == "price-${USD}"
@@ -439,6 +439,36 @@ def test_field_validate_checks() -> None:
         "config.yaml:4: upstreams.mock.url: scheme must be http or https, got 'ftp://127.0.0.1:8001'",
         "config.yaml:7: routes[0].targets: at least one target needs a weight > 0",
     ]
+
+
+@pytest.mark.parametrize(
+    ("url", "instead"),
+    [
+        ("http://127.0.0.1:8000/v1", "http://127.0.0.1:8000"),
+        ("http://127.0.0.1:8000/v1/", "http://127.0.0.1:8000"),
+        ("https://example.com/openai/v1", "https://example.com/openai"),
+    ],
+)
+def test_an_upstream_url_ending_in_v1_is_a_problem_that_says_what_to_write(url: str, instead: str) -> None:
+    """The SDK's base URL ends in /v1, the upstream url must not: the client's path (/v1/...) goes
+    after the url's path, so every request would go to /v1/v1/..."""
+    text = f"""\
+    upstreams:
+      mock:
+        url: "{url}"
+    routes:
+      - {{model: demo-model, targets: [{{upstream: mock, model: m}}]}}
+    """
+    assert problems(text) == [
+        f"config.yaml:3: upstreams.mock.url: must not end in /v1: the client's path (/v1/...) is sent "
+        f"after it, so requests would go to /v1/v1/...; write {instead!r}"
+    ]
+
+
+def test_an_upstream_url_with_another_prefix_is_fine() -> None:
+    for url in ("http://127.0.0.1:8000", "https://example.com/openai", "http://h:1/v1beta", "http://h:1/v10"):
+        config = load(WITHOUT_LISTEN.replace("http://127.0.0.1:8001", url))
+        assert config.upstreams["mock"].url == url
 
 
 def test_validate_is_skipped_when_the_fields_have_problems() -> None:
