@@ -1,4 +1,6 @@
-"""Command line: ``llm-sidecar [--config FILE]`` serves; ``llm-sidecar check-config FILE`` checks."""
+"""Command line: ``llm-sidecar [--config FILE]`` serves; ``llm-sidecar check-config FILE`` checks.
+
+``--config FILE`` may come before or after the command (``check-config --config FILE`` too)."""
 
 from __future__ import annotations
 
@@ -19,13 +21,21 @@ from proxy.sdnotify import Notifier
 log = logging.getLogger("llm_sidecar")
 
 EXIT_CONFIG = 2
+DEFAULT_CONFIG = "config.yaml"
+_CONFIG_HELP = f"YAML config (default: ./{DEFAULT_CONFIG})"
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    config: str | None = args.config
     if args.command == "check-config":
-        return check_config(args.file)
-    return serve(args.config)
+        if args.file is not None and config is not None and args.file != config:
+            parser.error(
+                f"check-config: two config files given ({args.file} and --config {config}): give one"
+            )
+        return check_config(args.file or config or DEFAULT_CONFIG)
+    return serve(config or DEFAULT_CONFIG)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,13 +43,18 @@ def _parser() -> argparse.ArgumentParser:
         prog="llm-sidecar", description="OpenAI-compatible sidecar reverse proxy for LLM backends."
     )
     p.add_argument("--version", action="version", version=f"llm-sidecar {__version__}")
-    p.add_argument("--config", "-c", default="config.yaml", help="YAML config (default: ./config.yaml)")
+    p.add_argument("--config", "-c", default=None, help=_CONFIG_HELP)
     sub = p.add_subparsers(dest="command")
-    sub.add_parser("serve", help="serve until SIGINT/SIGTERM (the default)")
+    serving = sub.add_parser("serve", help="serve until SIGINT/SIGTERM (the default)")
     check = sub.add_parser(
         "check-config", help="validate a config file: exit 0, or print problems and exit 2"
     )
-    check.add_argument("file")
+    check.add_argument(
+        "file", nargs="?", help=f"the config to check (or --config; default: ./{DEFAULT_CONFIG})"
+    )
+    for command in (serving, check):
+        # After the command too; SUPPRESS: when absent here, the one given before the command stays.
+        command.add_argument("--config", "-c", default=argparse.SUPPRESS, help=_CONFIG_HELP)
     return p
 
 

@@ -66,6 +66,33 @@ def test_check_config_reports_every_problem_and_exits_2(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("check-config", "{}"),
+        ("check-config", "--config", "{}"),
+        ("check-config", "-c", "{}"),
+        ("--config", "{}", "check-config"),
+    ],
+)
+def test_check_config_takes_the_file_as_an_argument_or_as_config(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    bad = tmp_path / "config.yaml"
+    bad.write_text(BAD_CONFIG)
+    result = run_cli(*(a.format(bad) for a in args))
+    assert result.returncode == 2, result.stderr
+    assert EXPECTED_PROBLEMS[0] in result.stderr
+    good = run_cli(*(a.format("config.yaml") for a in args))
+    assert good.returncode == 0 and good.stdout.startswith("config.yaml: OK"), good.stderr
+
+
+def test_check_config_with_two_different_files_says_so(tmp_path: Path) -> None:
+    result = run_cli("check-config", "config.yaml", "--config", str(tmp_path / "other.yaml"))
+    assert result.returncode == 2
+    assert "two config files" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_the_server_refuses_to_start_with_the_same_messages(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text(BAD_CONFIG)
