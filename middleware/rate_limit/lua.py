@@ -23,10 +23,12 @@ SHARE of what the bucket still holds: near its limit a bucket hands out nothing 
 request comes here and the fleet stays exact; far from it, sidecars admit by themselves and come
 back once per lease (redis_backend.py).
 
-The answer is one string of eight big-endian 64-bit integers (Redis' struct library; REPLY):
+The answer is one string of nine big-endian 64-bit integers (Redis' struct library; REPLY):
 reason, requests-remaining, requests-reset-ms, tokens-remaining, tokens-reset-ms, wait-ms, requests
-handed out, tokens handed out. Reason 0 admitted (or a give), 1 requests, 2 tokens, 3 in flight, 4
-too large (wait -1: never). Numbers are stored with explicit formats (Redis would keep 14 digits).
+handed out, tokens handed out, and the in-flight slots the key has registered (0 without max in
+flight: a sidecar keeps freed slots for reuse only far from the limit, allowance.Slots). Reason 0
+admitted (or a give), 1 requests, 2 tokens, 3 in flight, 4 too large (wait -1: never). Numbers are
+stored with explicit formats (Redis would keep 14 digits).
 """
 
 from __future__ import annotations
@@ -108,9 +110,11 @@ if u > now then skew = u - now end
 redis.call('PEXPIRE', KEYS[1], math.ceil((math.max(rreset, treset) + skew) * 1000) + 1000)
 local wait_ms = -1
 if wait >= 0 then wait_ms = math.ceil(wait * 1000) end
-return struct.pack('>i8i8i8i8i8i8i8i8', reason, math.max(0, math.floor(r)), math.ceil(rreset * 1000),
-                   math.max(0, math.floor(t)), math.ceil(treset * 1000), wait_ms, gr, gt)
+local held = 0
+if max_in_flight > 0 then held = redis.call('ZCARD', KEYS[2]) end
+return struct.pack('>i8i8i8i8i8i8i8i8i8', reason, math.max(0, math.floor(r)), math.ceil(rreset * 1000),
+                   math.max(0, math.floor(t)), math.ceil(treset * 1000), wait_ms, gr, gt, held)
 """.replace("SHARE", repr(SHARE))
 
 SHA: Final = hashlib.sha1(SCRIPT.encode()).hexdigest()
-REPLY: Final = struct.Struct(">8q")  # every call's answer
+REPLY: Final = struct.Struct(">9q")  # every call's answer

@@ -18,7 +18,9 @@ Before forwarding, a request takes one request and its estimated tokens (estimat
 buckets of its (tenant or key, model); when its response ends the tokens are settled with the real
 usage (settle.py). Over a limit: 429 ``rate_limit_exceeded`` with ``Retry-After`` and
 ``retry-after-ms``; every answer carries the x-ratelimit-* headers (headers.py). Without ``auth``
-in front, every request shares the bucket of scope ``anonymous``.
+in front, every request shares the bucket of scope ``anonymous``. What the sidecar answers itself
+(``GET /v1/models``, ``/v1/models/{id}``: the forwarder's) is not limited at all: no slot, no
+request or token from a bucket, no headers.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from middleware.rate_limit.redis_backend import RedisBackend
 from middleware.rate_limit.settle import settle_response
 from proxy.chain import Handler
 from proxy.errors import ProxyError, RateLimited
+from proxy.forward import MODELS_PREFIX
 from proxy.http import Request, Response
 from proxy.identity import NO_LIMITS, KeyLimits, identity_of
 from proxy.registry import BuildContext
@@ -45,6 +48,7 @@ ANONYMOUS: Final = "anonymous"  # the scope and key id of requests that no auth 
 NO_MODEL: Final = "-"  # the bucket of requests that name no model, or one no route serves
 NOTHING: Final = Estimate(0, 0)
 MAX_KEYS_CACHED: Final = 65536  # key id → spec entries kept (then the cache starts over)
+MODELS_LIST: Final = MODELS_PREFIX[:-1]  # "/v1/models": answered by the sidecar, like its children
 
 
 class RateLimit:
@@ -77,6 +81,9 @@ class RateLimit:
         spec = known[1] if known is not None and known[0] is limits else self._spec(key_id, limits)
         if spec.requests is None and spec.tokens is None and not spec.max_in_flight:
             return await next(request)
+        path = request.path
+        if path == MODELS_LIST or path.startswith(MODELS_PREFIX):
+            return await next(request)  # the sidecar's own answer: no backend work to limit
 
         model, data = model_and_json(request)
         cost, strip = NOTHING, False

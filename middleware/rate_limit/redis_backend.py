@@ -4,11 +4,18 @@ Redis holds each bucket (lua.py, one script called by its SHA, the Redis server'
 does not ask it per request: with each call it takes some requests and tokens *ahead* (an
 :class:`Allowance`, about ``lease_ms`` of its recent demand, never more than an eighth of what the
 bucket holds) and admits from them by itself until they run low, when one call tops them up in the
-background. Settlements and freed in-flight slots stay in the allowance too: a refund is spent
-locally, a freed slot is reused by the next request, a debt goes to Redis with the next call.
-What an allowance holds unused goes back after ``lease_ms`` without requests (``_flush``). So
-under load a request costs no round trip, and near its limit a bucket hands nothing out ahead:
-every request then asks Redis and the fleet admits the exact budget.
+background. Settlements stay in the allowance too: a refund is spent locally, a debt goes to
+Redis with the next call. What an allowance holds unused goes back after ``lease_ms`` without
+requests (``_flush``). So under load a request costs no round trip, and near its limit a bucket
+hands nothing out ahead: every request then asks Redis and the fleet admits the exact budget.
+
+In-flight slots are per key, whatever the model (allowance.Slots, shared by the key's allowances).
+A freed slot still registered in Redis would count against the key on every sidecar, so one is
+kept for the key's next request here only while the key is far from its limit (an eighth of its
+room at most, as Redis last counted it); otherwise it is freed in Redis at once, in a call sent as
+the request ends. A client that waits for its answer before sending the next request, to whichever
+sidecar, therefore always finds its slot free; and the fleet never has more than the limit in
+progress.
 
 Every round trip has a deadline (``redis.timeout_ms``); a failure or a miss counts against the
 breaker (breaker.py). While it is open Redis is not called: requests the allowance cannot cover
@@ -29,7 +36,7 @@ from urllib.parse import urlsplit
 from redis.exceptions import RedisError
 
 from middleware.rate_limit import lua
-from middleware.rate_limit.allowance import Allowance, BucketKey
+from middleware.rate_limit.allowance import Allowance, BucketKey, Slots
 from middleware.rate_limit.backend import Ask, Ticket
 from middleware.rate_limit.breaker import CLOSED, Breaker
 from middleware.rate_limit.config import RateLimitConfig
@@ -67,6 +74,7 @@ class RedisBackend:
         self.reuse_s = rc.in_flight_lease_s / 2  # a slot older than this is not reused (it expires)
         self._now = now  # tests: a fake clock instead of Redis TIME
         self._allowances: dict[BucketKey, Allowance] = {}
+        self._slots: dict[tuple[str, str], Slots] = {}  # (scope, key id) → its in-flight slots here
         self._timer: asyncio.TimerHandle | None = None
         self._members = itertools.count()
         self._instance = os.urandom(6).hex().encode()
@@ -82,11 +90,13 @@ class RedisBackend:
         now = self.clock.now()
         need = ask.tokens
         if (spec.requests is None or a.requests >= 1) and (spec.tokens is None or a.tokens >= need):
-            member, granted = b"", 0.0
-            if spec.max_in_flight:
-                member, granted = a.free_member(now, self.reuse_s)
-            if member or not spec.max_in_flight:
-                return self._admit_here(a, ask, now, member, granted)
+            slots = a.slots
+            if slots is None:
+                return self._admit_here(a, ask, now, b"", 0.0)
+            if slots.free:
+                member, granted = slots.free_member(now, self.reuse_s, a.to_free)
+                if member:
+                    return self._admit_here(a, ask, now, member, granted)
         if not self.breaker.allow():
             return self._unreachable(ask)
         return await self._take(a, ask, now)
@@ -99,13 +109,19 @@ class RedisBackend:
         if ask.spec.tokens is not None:
             a.tokens -= used_tokens - ask.tokens
             a.reserved += used_tokens - ask.tokens  # the net use: a refund comes back here
+        now = self.clock.now()
         if member:
-            if self.lease_s > 0:
-                a.free.append((member, granted, self.clock.now()))
+            slots = a.slots
+            assert slots is not None  # a member is only handed out with the key's slots
+            slots.used_at = now
+            if self.lease_s > 0 and len(slots.free) < slots.keep:
+                slots.free.append((member, granted, now))  # far from the limit: for the next here
             else:
                 a.to_free.append(member)
+                if self.breaker.state == CLOSED:  # else with the next call once Redis answers
+                    self._free_now(a)
         a.in_use -= 1
-        a.used_at = self.clock.now()
+        a.used_at = now
         if self._timer is None:
             self._arm()
 
@@ -128,15 +144,20 @@ class RedisBackend:
         a.reserved += ask.tokens
         a.in_use += 1
         a.used_at = now
+        if a.slots is not None:
+            a.slots.used_at = now
         if (a.requests < a.low_r or a.tokens < a.low_t) and not a.calling:
             self._top_up(a, now)
         return Ticket(ask, a.local_decision(), (a, member, granted))
 
     async def _take(self, a: Allowance, ask: Ask, now: float) -> Ticket:
         """Ask Redis to admit the request, giving back what the allowance holds and taking more ahead."""
-        spec = ask.spec
-        reused, granted = (b"", 0.0) if not spec.max_in_flight else a.free_member(now, self.reuse_s)
-        new = b"%b:%d" % (self._instance, next(self._members)) if spec.max_in_flight and not reused else b""
+        slots = a.slots
+        reused, granted = b"", 0.0
+        if slots is not None:
+            slots.used_at = now
+            reused, granted = slots.free_member(now, self.reuse_s, a.to_free)
+        new = b"%b:%d" % (self._instance, next(self._members)) if slots is not None and not reused else b""
         back_r, back_t, freed = a.requests, a.tokens, a.to_free[:MAX_FREED]
         a.requests = a.tokens = 0
         del a.to_free[:MAX_FREED]
@@ -168,8 +189,8 @@ class RedisBackend:
     def _put_back(self, a: Allowance, reused: bytes, granted: float, freed: list[bytes]) -> None:
         """A take that admitted nothing: its members back where they were."""
         a.in_use -= 1
-        if reused:
-            a.free.append((reused, granted, self.clock.now()))
+        if reused and a.slots is not None:
+            a.slots.free.append((reused, granted, self.clock.now()))
         a.to_free.extend(freed)  # freeing a member twice (or one never added) is harmless
         if self._timer is None:
             self._arm()
@@ -177,7 +198,7 @@ class RedisBackend:
     def _orphan(self, a: Allowance, tokens: int, reply: Any) -> None:
         """A take whose requester left before its answer: keep what it took for the next requests."""
         if isinstance(reply, bytes) and len(reply) == lua.REPLY.size:
-            reason, _, _, _, _, _, gr, gt = lua.REPLY.unpack(reply)
+            reason, _, _, _, _, _, gr, gt, _ = lua.REPLY.unpack(reply)
             a.requests += gr + (reason == 0)
             a.tokens += gt + (tokens if reason == 0 else 0)
             self._keep(a)
@@ -201,6 +222,13 @@ class RedisBackend:
         waiter.add_done_callback(lambda done: self._given(a, back_t, freed, done))
         self.batcher.call(data, waiter)
 
+    def _free_now(self, a: Allowance) -> None:
+        """Free the members ``a`` holds for Redis now (a debt goes with them): a freed slot must be
+        free for the key's next request on any sidecar."""
+        back_t = min(a.tokens, 0)
+        a.tokens -= back_t
+        self._give(a, 0, back_t)
+
     def _given(self, a: Allowance, back_t: int, freed: list[bytes], done: asyncio.Future[Any]) -> None:
         a.calling = False
         error = done.exception() if not done.cancelled() else None
@@ -222,35 +250,69 @@ class RedisBackend:
             return
         now = self.clock.now()
         idle_since = now - self.lease_s
+        stale = now - self.reuse_s
         for key, a in list(self._allowances.items()):
+            slots = a.slots
+            if slots is not None and slots.free:
+                self._sweep(slots, a, everything or slots.used_at <= idle_since, idle_since, stale)
             if everything or a.used_at <= idle_since:
-                a.to_free.extend(member for member, _, _ in a.free)
-                a.free.clear()
                 back_r, back_t = a.requests, a.tokens
                 a.requests = a.tokens = 0
                 a.low_r = a.low_t = 0
                 if back_r or back_t or a.to_free:
                     self._give(a, back_r, back_t)
                 if a.in_use == 0 and not a.calling and not a.to_free:
-                    del self._allowances[key]
-            else:
-                # Slots not reused for lease_ms go back (the key's other sidecars may need them), and
-                # so do those about to expire in Redis.
-                stale = now - self.reuse_s
-                if a.free and (a.free[0][2] <= idle_since or a.free[0][1] <= stale):
-                    keep = []
-                    for entry in a.free:
-                        if entry[2] > idle_since and entry[1] > stale:
-                            keep.append(entry)
-                        else:
-                            a.to_free.append(entry[0])
-                    a.free = keep
-                if a.tokens < 0 or a.to_free:
-                    back_t = min(a.tokens, 0)
-                    a.tokens -= back_t
-                    self._give(a, 0, back_t)
+                    self._forget(key, a)
+            elif a.tokens < 0 or a.to_free:
+                back_t = min(a.tokens, 0)
+                a.tokens -= back_t
+                self._give(a, 0, back_t)
         if self._allowances:
             self._arm()
+
+    @staticmethod
+    def _sweep(slots: Slots, a: Allowance, idle: bool, idle_since: float, stale: float) -> None:
+        """Kept slots to free (through ``a``): all when the key is idle here; else those not reused
+        for lease_ms (the key's other sidecars may need them) and those about to expire in Redis."""
+        free = slots.free
+        if idle:
+            a.to_free.extend(member for member, _, _ in free)
+            free.clear()
+        elif free[0][2] <= idle_since or free[0][1] <= stale:
+            keep = []
+            for entry in free:
+                if entry[2] > idle_since and entry[1] > stale:
+                    keep.append(entry)
+                else:
+                    a.to_free.append(entry[0])
+            slots.free = keep
+
+    def _forget(self, key: BucketKey, a: Allowance) -> None:
+        """An idle allowance with nothing in progress or owed: dropped, and its key's slots with
+        the last of that key's allowances."""
+        del self._allowances[key]
+        slots = a.slots
+        if slots is not None:
+            slots.refs -= 1
+            if slots.refs <= 0 and self._slots.get((key[0], key[2])) is slots:
+                del self._slots[(key[0], key[2])]
+                a.to_free.extend(member for member, _, _ in slots.free)  # (idle: none left)
+                slots.free.clear()
+                if a.to_free:
+                    self._keep(a)
+
+    def _attach(self, a: Allowance) -> None:
+        """``a`` shares its key's slots (the first allowance of a key brings them)."""
+        mine = a.slots
+        if mine is None:
+            return
+        key = (a.key[0], a.key[2])
+        slots = self._slots.setdefault(key, mine)
+        if slots is not mine:
+            slots.free.extend(mine.free)
+            mine.free = []
+            a.slots = slots
+        slots.refs += 1
 
     def _arm(self) -> None:
         self._timer = asyncio.get_running_loop().call_later(max(self.lease_s, MIN_FLUSH_S), self._flush)
@@ -271,7 +333,9 @@ class RedisBackend:
         )
         key = (ask.scope, ask.model, ask.key_id, ask.spec)
         take, give = (command_head(keys, (op, *constants)) for op in (b"take", b"give"))
-        a = Allowance(key, take, give, self.clock.now())
+        now = self.clock.now()
+        a = Allowance(key, take, give, now, Slots(now) if ask.spec.max_in_flight else None)
+        self._attach(a)
         self._allowances[key] = a
         if self._timer is None:
             self._arm()
@@ -280,8 +344,11 @@ class RedisBackend:
     def _keep(self, a: Allowance) -> None:
         """``a`` (maybe already forgotten by _flush) still holds something for Redis: keep it, or hand
         it to the allowance that replaced it."""
-        held = self._allowances.setdefault(a.key, a)
-        if held is not a:
+        held = self._allowances.get(a.key)
+        if held is None:  # forgotten meanwhile: back, with its key's slots
+            self._allowances[a.key] = a
+            self._attach(a)
+        elif held is not a:
             held.to_free.extend(a.to_free)
             held.requests += a.requests
             held.tokens += a.tokens

@@ -250,3 +250,78 @@ def test_max_in_flight_per_key(mock: MockProcess, tmp_path: Path, redis_url: str
         assert "in progress" in info.value.message
         slow.join()
         assert client.chat.completions.create(model="demo-model", messages=HI).choices  # the slot is free
+
+
+def test_a_sequential_client_alternating_models_is_never_refused(
+    mock: MockProcess, tmp_path: Path, backend: str, redis_url: str, redis_prefix: str
+) -> None:
+    """One request at a time, two models in turn, listings in between: each finished request's
+    slot is free for the next at once, whatever its model."""
+    limits = rate_limit(backend, redis_url, redis_prefix, max_in_flight=1, requests_per_minute=6000)
+    with sidecar_with(mock, tmp_path, KEYS + limits) as sidecar, sdk(sidecar) as client:
+        for _ in range(4):
+            for model in ("demo-model", "second-model"):
+                assert client.chat.completions.create(model=model, messages=HI).choices
+                assert len(client.models.list().data) == 2
+    assert mock.stats()["requests"] == 8
+
+
+def in_flight_on(sidecar: SidecarProcess, mock: MockProcess, first_byte_ms: int = 800) -> threading.Thread:
+    """A slow request of alice through ``sidecar``, started and in progress at the mock."""
+
+    def slow_request() -> None:
+        with sdk(sidecar) as client:
+            extra = {"x-mock-first-byte-ms": str(first_byte_ms)}
+            client.chat.completions.create(model="demo-model", messages=HI, extra_headers=extra)
+
+    slow = threading.Thread(target=slow_request)
+    slow.start()
+    mock.wait_stats(lambda s: s["in_flight"] == 1)
+    return slow
+
+
+def test_the_models_listing_takes_no_slot_and_no_request(
+    mock: MockProcess, tmp_path: Path, backend: str, redis_url: str, redis_prefix: str
+) -> None:
+    """What the sidecar answers itself (GET /v1/models, /v1/models/{id}) is not rate limited: no
+    in-flight slot, no request from the bucket, no x-ratelimit-* headers."""
+    limits = rate_limit(backend, redis_url, redis_prefix, max_in_flight=1, requests_per_minute=600)
+    with sidecar_with(mock, tmp_path, KEYS + limits) as sidecar, sdk(sidecar) as client:
+        slow = in_flight_on(sidecar, mock)
+        listing = client.models.with_raw_response.list()
+        assert len(listing.parse().data) == 2
+        assert not [name for name in listing.headers if name.startswith("x-ratelimit")]
+        assert client.models.retrieve("second-model").id == "second-model"
+        with pytest.raises(openai.RateLimitError):  # the slot is the slow request's
+            client.chat.completions.create(model="demo-model", messages=HI)
+        slow.join()
+        for _ in range(3):
+            client.models.list()
+        raw = client.chat.completions.with_raw_response.create(model="demo-model", messages=HI)
+    # The bucket of 600 gave one to the slow request, one to this; none to the listings (± refill).
+    assert header(raw, "x-ratelimit-remaining-requests") in (598, 599)
+
+
+def test_a_slot_freed_on_one_sidecar_is_free_on_the_other_at_once(
+    mock: MockProcess, tmp_path: Path, redis_url: str, redis_prefix: str
+) -> None:
+    """Two sidecars on one Redis, max_in_flight 1: a client sending one request at a time to either
+    is never refused, and the limit still holds across the two."""
+    limits = rate_limit("redis", redis_url, redis_prefix, max_in_flight=1, requests_per_minute=6000)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    with (
+        sidecar_with(mock, tmp_path / "one", KEYS + limits) as one,
+        sidecar_with(mock, tmp_path / "two", KEYS + limits) as two,
+        sdk(one) as first,
+        sdk(two) as second,
+    ):
+        for _ in range(4):
+            for client, model in ((first, "demo-model"), (second, "demo-model"), (second, "second-model")):
+                assert client.chat.completions.create(model=model, messages=HI).choices
+        slow = in_flight_on(one, mock)
+        with pytest.raises(openai.RateLimitError) as info:
+            second.chat.completions.create(model="second-model", messages=HI)
+        assert "in progress" in info.value.message
+        slow.join()
+        assert second.chat.completions.create(model="second-model", messages=HI).choices

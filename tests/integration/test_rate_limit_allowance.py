@@ -138,23 +138,44 @@ async def test_a_settlements_charge_reaches_redis_while_requests_go_on(
     assert t == pytest.approx(100_000 - 5010 + 0.01 * 100)
 
 
-async def test_a_freed_in_flight_slot_is_reused_then_given_back(
+async def test_far_from_the_in_flight_limit_a_freed_slot_is_reused_then_given_back(
     counted: Counted, clock: FakeClock, sync_redis: redis.Redis, redis_prefix: str
 ) -> None:
-    capped = LimitSpec(requests=None, tokens=None, max_in_flight=2)
+    capped = LimitSpec(requests=None, tokens=None, max_in_flight=32)
     slots = f"{redis_prefix}{{acme}}:inflight:k1"
     first = await counted.admit(ask(0, capped))
     assert counted.calls == 1 and sync_redis.zcard(slots) == 1
-    counted.backend.release(first, 0)
-    second = await counted.admit(ask(0, capped))
-    assert counted.calls == 1  # the freed slot, reused: no call
+    counted.backend.release(first, 0)  # 1 of 32 registered: kept for the key's next request here
+    other_model = dataclasses.replace(ask(0, capped), model="other-model")
+    second = await counted.admit(other_model)
+    assert counted.calls == 1  # the freed slot, reused (by another model of the key): no call
     third = await counted.admit(ask(0, capped))  # none free here: Redis registers another
     assert counted.calls == 2 and sync_redis.zcard(slots) == 2
-    refused = await counted.backend.acquire(ask(0, capped))
-    assert refused.decision is not None and refused.decision.reason == "in_flight"
     counted.backend.release(second, 0)
     counted.backend.release(third, 0)
     await idle_flush(counted.backend, clock)
+    assert sync_redis.zcard(slots) == 0
+    assert counted.backend._allowances == {} and counted.backend._slots == {}  # idle: forgotten
+
+
+async def test_near_the_in_flight_limit_a_freed_slot_is_freed_in_redis_at_once(
+    counted: Counted, sync_redis: redis.Redis, redis_prefix: str
+) -> None:
+    """Kept, it would count against the key on its other sidecars: up to a limit of 8 none is."""
+    capped = LimitSpec(requests=None, tokens=None, max_in_flight=8)
+    slots = f"{redis_prefix}{{acme}}:inflight:k1"
+    first = await counted.admit(ask(0, capped))
+    counted.backend.release(first, 0)
+    assert counted.calls == 2  # the release freed it in a call of its own, sent at once
+    await counted.backend.batcher.drain()
+    assert sync_redis.zcard(slots) == 0
+    second = await counted.admit(ask(0, capped))
+    third = await counted.admit(ask(0, capped))
+    assert counted.calls == 4 and sync_redis.zcard(slots) == 2
+    other_key = await counted.admit(dataclasses.replace(ask(0, capped), key_id="k2"))
+    for ticket in (second, third, other_key):
+        counted.backend.release(ticket, 0)
+    await counted.backend.batcher.drain()
     assert sync_redis.zcard(slots) == 0
 
 
@@ -182,7 +203,7 @@ async def test_a_busy_sidecar_gives_back_the_slots_it_no_longer_reuses(
 ) -> None:
     """After a peak, the slots a sidecar keeps for reuse shrink to what it still uses: the rest go
     back after lease_ms unused, for the key's other sidecars."""
-    capped = LimitSpec(requests=None, tokens=None, max_in_flight=8)
+    capped = LimitSpec(requests=None, tokens=None, max_in_flight=64)  # far: up to 7 kept
     slots = f"{redis_prefix}{{acme}}:inflight:k1"
     peak = [await counted.admit(ask(0, capped)) for _ in range(2)]
     for ticket in peak:

@@ -24,8 +24,8 @@ from tests.redis_proc import RedisServer, free_port
 SPEC = LimitSpec(requests=Rate(60, 3.0), tokens=Rate(600, 100.0), max_in_flight=0)
 
 
-def ask(tokens: int, spec: LimitSpec = SPEC, key_id: str = "k1") -> Ask:
-    return Ask(scope="acme", model="demo-model", key_id=key_id, spec=spec, tokens=tokens)
+def ask(tokens: int, spec: LimitSpec = SPEC, key_id: str = "k1", model: str = "demo-model") -> Ask:
+    return Ask(scope="acme", model=model, key_id=key_id, spec=spec, tokens=tokens)
 
 
 def redis_config(url: str, prefix: str, **redis_options: float) -> RateLimitConfig:
@@ -106,6 +106,19 @@ async def test_in_flight_cap_per_key(store: Backend) -> None:
     assert (await admit(store, ask(0, capped)))[1].allowed
 
 
+# Roomy request and token buckets (so the Redis backend admits from what it took ahead), one slot.
+ONE_SLOT = LimitSpec(requests=Rate(60_000, 1000.0), tokens=Rate(600_000, 100_000.0), max_in_flight=1)
+
+
+async def test_a_sequential_client_alternating_models_is_never_refused(store: Backend) -> None:
+    """One request at a time, models in turn (and "-", the bucket of requests naming none): the
+    key's one slot, freed by each request, is free for the next at once, whatever its model."""
+    for model in ["demo-model", "second-model", "-"] * 4:
+        ticket, decision = await admit(store, ask(10, ONE_SLOT, model=model))
+        assert decision.allowed, (model, decision.reason)
+        store.release(ticket, 10)
+
+
 async def test_too_large_is_refused_for_good(store: Backend) -> None:
     _, refused = await admit(store, ask(101))
     assert (refused.allowed, refused.reason, refused.retry_after_s) == (False, "too_large", float("inf"))
@@ -152,6 +165,55 @@ async def test_an_in_flight_slot_never_released_expires_with_its_lease(
     assert not (await admit(redis_store, ask(0, capped)))[1].allowed
     clock.advance(5.1)
     assert (await admit(redis_store, ask(0, capped)))[1].allowed
+
+
+async def test_a_slot_freed_on_one_sidecar_is_free_on_another_at_once(
+    clock: FakeClock, redis_url: str, redis_prefix: str
+) -> None:
+    """Two sidecars' backends on one Redis, one slot: a request finished on one leaves the slot
+    free for the key's next request on the other, with no wait for lease_ms."""
+    one, two = (
+        RedisBackend(redis_config(redis_url, redis_prefix, timeout_ms=1000), clock, now=clock.now)
+        for _ in range(2)
+    )
+    try:
+        for model in ["demo-model", "second-model"] * 3:
+            for backend in (one, two):
+                ticket, decision = await admit(backend, ask(10, ONE_SLOT, model=model))
+                assert decision.allowed, decision.reason
+                backend.release(ticket, 10)
+        held, _ = await admit(one, ask(10, ONE_SLOT))
+        _, refused = await admit(two, ask(10, ONE_SLOT))  # the limit holds across the two
+        assert refused.reason == "in_flight"
+        one.release(held, 10)
+    finally:
+        await one.aclose()
+        await two.aclose()
+
+
+async def test_near_the_in_flight_limit_a_freed_slot_goes_back_at_once(
+    clock: FakeClock, redis_url: str, redis_prefix: str
+) -> None:
+    """Two requests in progress on one sidecar, limit 2: when one ends, the other sidecar gets its
+    slot at once (the first keeps no freed slot for itself this near the limit)."""
+    two_slots = dataclasses.replace(ONE_SLOT, max_in_flight=2)
+    one, two = (
+        RedisBackend(redis_config(redis_url, redis_prefix, timeout_ms=1000), clock, now=clock.now)
+        for _ in range(2)
+    )
+    try:
+        first, _ = await admit(one, ask(10, two_slots))
+        second, _ = await admit(one, ask(10, two_slots, model="second-model"))
+        one.release(first, 10)
+        ticket, decision = await admit(two, ask(10, two_slots))
+        assert decision.allowed, decision.reason
+        _, refused = await admit(one, ask(10, two_slots))  # and exact: 2 in progress, 2 allowed
+        assert refused.reason == "in_flight"
+        one.release(second, 10)
+        two.release(ticket, 10)
+    finally:
+        await one.aclose()
+        await two.aclose()
 
 
 async def test_an_admission_whose_caller_left_is_given_back(redis_store: RedisBackend) -> None:

@@ -4,7 +4,7 @@ ahead, booking the script's replies, reusing in-flight members."""
 from __future__ import annotations
 
 from middleware.rate_limit import lua
-from middleware.rate_limit.allowance import Allowance
+from middleware.rate_limit.allowance import Allowance, Slots
 from middleware.rate_limit.bucket import LimitSpec, Rate
 
 SPEC = LimitSpec(requests=Rate(600, 600.0), tokens=Rate(60_000, 60_000.0), max_in_flight=4)
@@ -53,17 +53,38 @@ def test_refunds_lower_the_tokens_wanted_and_unlimited_buckets_want_nothing() ->
 def test_a_reply_is_booked_and_sets_the_top_up_marks() -> None:
     a = allowance()
     a.requests, a.tokens = 1, 50
-    decision = a.book(lua.REPLY.pack(0, 500, 10_000, 40_000, 20_000, 0, 40, 4000))
+    decision = a.book(lua.REPLY.pack(0, 500, 10_000, 40_000, 20_000, 0, 40, 4000, 0))
     assert (a.requests, a.tokens, a.low_r, a.low_t) == (41, 4050, 20, 2000)
     assert decision.allowed and decision.requests_remaining == 541 and decision.tokens_remaining == 44_050
-    refused = a.book(lua.REPLY.pack(1, 0, 60_000, 0, 60_000, 250, 0, 0))
+    refused = a.book(lua.REPLY.pack(1, 0, 60_000, 0, 60_000, 250, 0, 0, 0))
     assert not refused.allowed and refused.reason == "requests" and refused.retry_after_s == 0.25
     assert (a.low_r, a.low_t) == (20, 2000)  # nothing handed out: the marks stay
 
 
 def test_members_near_their_expiry_are_not_reused() -> None:
-    a = allowance()
-    a.free = [(b"old", 0.0, 99.0), (b"new", 99.0, 99.5)]
-    assert a.free_member(100.0, reuse_s=50.0) == (b"new", 99.0)
-    assert a.free_member(100.0, reuse_s=50.0) == (b"", 0.0)
-    assert a.to_free == [b"old"]
+    slots, stale = Slots(100.0), list[bytes]()
+    slots.free = [(b"old", 0.0, 99.0), (b"new", 99.0, 99.5)]
+    assert slots.free_member(100.0, 50.0, stale) == (b"new", 99.0)
+    assert slots.free_member(100.0, 50.0, stale) == (b"", 0.0)
+    assert stale == [b"old"]
+
+
+def test_freed_slots_are_kept_only_far_from_the_limit() -> None:
+    """An eighth of the key's room at most (as the script counted its slots): none up to 8."""
+    slots = Slots(100.0)
+
+    def kept(registered: int, limit: int) -> int:
+        slots.seen(registered, limit)
+        return slots.keep
+
+    assert [kept(1, limit) for limit in (1, 2, 8, 9, 17, 32)] == [0, 0, 0, 1, 2, 3]
+    slots.seen(30, 32)
+    assert slots.keep == 0
+    a = Allowance(("acme", "m", "k1", SPEC), b"take", b"give", 100.0, slots)  # max_in_flight 4
+    a.book(lua.REPLY.pack(0, 500, 10_000, 40_000, 20_000, 0, 0, 0, 1))
+    assert slots.keep == 0  # 3 left below the limit of 4: none kept
+    big = LimitSpec(requests=None, tokens=None, max_in_flight=100)
+    Allowance(("acme", "m", "k1", big), b"take", b"give", 100.0, slots).book(
+        lua.REPLY.pack(0, 0, 0, 0, 0, 0, 0, 0, 20)
+    )
+    assert slots.keep == 10

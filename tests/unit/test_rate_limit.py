@@ -215,3 +215,23 @@ async def test_names_no_route_serves_share_one_bucket(clock: FakeClock) -> None:
     await rl(chat({"model": "demo-model", "messages": HI}), Next(json_reply()))
     assert isinstance(rl.backend, MemoryBackend)
     assert sorted(model for _, model in rl.backend._buckets) == ["-", "demo-model"]
+
+
+async def test_what_the_sidecar_answers_itself_is_not_limited(clock: FakeClock) -> None:
+    """/v1/models and /v1/models/{id}: no slot, no request from the bucket, no headers."""
+    rl = limiter(clock, requests_per_minute=600, burst=1 / 600, max_in_flight=1)  # one request
+    assert isinstance(rl.backend, MemoryBackend)
+    backend = rl.backend
+    seen_in_flight = []
+
+    def listing(request: Request) -> Response:
+        seen_in_flight.append(backend.in_flight("anonymous"))
+        return Response.json(200, {"object": "list", "data": []})
+
+    for path in ("/v1/models", "/v1/models/demo-model", "/v1/models", "/v1/models/x"):
+        answer = await rl(chat({}, path=path), Next(listing))
+        assert not [name for name, _ in answer.headers if name.startswith(b"x-ratelimit")]
+    assert seen_in_flight == [0, 0, 0, 0] and backend._buckets.currsize == 0
+    await rl(chat({"model": "demo-model", "messages": HI}), Next(json_reply()))  # the bucket's one
+    with pytest.raises(RateLimited):  # a path that merely starts alike is a model request
+        await rl(chat({"model": "demo-model", "messages": HI}, path="/v1/modelsx"), Next(json_reply()))
