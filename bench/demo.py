@@ -16,10 +16,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from types import FrameType
 
 READY = re.compile(r"listening on (http://\S+?)[\s|]")
+TAIL_LINES = 12  # of a process that exits before it is ready: enough for a traceback's last frames
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,27 +70,41 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], name: str, *, echo: bool, timeout: float = 15.0) -> str:
-    """Read ``proc``'s output until it says where it listens; return that URL."""
+    """Read ``proc``'s output until it says where it listens; return that URL.
+
+    Raises RuntimeError when it exits or times out first, with its last lines (the reason, e.g. an
+    address already in use) unless they were echoed already."""
     assert proc.stdout is not None
     fd, pending = proc.stdout.fileno(), b""
+    last: deque[str] = deque(maxlen=TAIL_LINES)
     deadline = time.monotonic() + timeout
     while True:
         while b"\n" in pending:
             raw, pending = pending.split(b"\n", 1)
             line = raw.decode(errors="replace")
-            if echo or proc.poll() is not None:
+            if echo:
                 print(line, flush=True)
+            last.append(line)
             match = READY.search(line + " ")
             if match:
                 return match.group(1)
         left = deadline - time.monotonic()
         if left <= 0 or not select.select([fd], [], [], left)[0]:
-            raise RuntimeError(f"{name} did not start within {timeout:.0f}s")
+            raise RuntimeError(f"{name} did not start within {timeout:.0f}s" + _tail(last, echo))
         chunk = os.read(fd, 65536)
         if not chunk:
-            rest = pending.decode(errors="replace")
-            raise RuntimeError(f"{name} exited with {proc.wait()} before it was ready\n{rest}")
+            if pending:
+                last.append(pending.decode(errors="replace"))
+            raise RuntimeError(f"{name} exited with {proc.wait()} before it was ready" + _tail(last, echo))
         pending += chunk
+
+
+def _tail(lines: deque[str], echoed: bool) -> str:
+    if echoed:
+        return " (its output is above)"
+    if not lines:
+        return " (it printed nothing)"
+    return "; its last output:\n" + "\n".join("  " + line for line in lines)
 
 
 def _print_try(url: str) -> None:

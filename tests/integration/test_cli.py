@@ -215,3 +215,39 @@ def test_systemd_notify_ready_watchdog_and_stopping(mock: MockProcess, tmp_path:
             while True:
                 rest.append(notify.recv(4096).decode())
         assert "STOPPING=1" in rest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_demo(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "bench.demo", *args]
+    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
+
+
+def test_make_run_with_the_mock_port_taken_says_why_the_mock_could_not_start() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = run_demo("--mock-port", str(taken.getsockname()[1]))
+    assert result.returncode != 0
+    assert "mock backend exited with 1 before it was ready" in result.stderr
+    assert "address already in use" in result.stderr, result.stderr
+
+
+def test_make_run_with_the_sidecar_port_taken_says_why_the_sidecar_could_not_start(tmp_path: Path) -> None:
+    mock_port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = minimal_config(f"http://127.0.0.1:{mock_port}").replace("127.0.0.1:0", f"127.0.0.1:{port}")
+        path = tmp_path / "config.yaml"
+        path.write_text(config)
+        result = run_demo("--config", str(path), "--mock-port", str(mock_port))
+    assert result.returncode != 0
+    assert "llm-sidecar exited with 1 before it was ready (its output is above)" in result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stdout, result.stdout
