@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from bisect import bisect_right
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate
 
 from proxy.config import RouteConfig
@@ -19,9 +19,12 @@ from proxy.errors import ModelNotFound
 
 @dataclass(frozen=True, slots=True)
 class Target:
+    """Where an attempt goes. Its identity (equality, hash: ``ctx.tried``) is (upstream, model): the
+    same target with another weight (rebuilt from a reloaded config) is still the one tried."""
+
     upstream: str
     model: str
-    weight: float
+    weight: float = field(compare=False)
 
 
 class Route:

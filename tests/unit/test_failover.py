@@ -59,6 +59,14 @@ def test_pick_skips_unhealthy_upstreams_and_gives_none_when_all_are() -> None:
     assert router.pick("chat", rng, (), lambda u: False) is None
 
 
+def test_a_target_is_its_upstream_and_model_whatever_its_weight() -> None:
+    reweighted = Target("a", "m", 50)  # e.g. the same target from a config with other weights
+    assert reweighted == A and hash(reweighted) == hash(A) and reweighted in {A}
+    assert Target("a", "other", 1) != A and Target("b", "m", 1) != A
+    router, rng = Router(ROUTES), random.Random(1)
+    assert {router.pick("chat", rng, (reweighted,)) for _ in range(20)} == {B}
+
+
 def test_pick_splits_by_weight_without_failover() -> None:
     router, rng = Router(ROUTES), random.Random(5)
     picks = [router.pick("chat", rng) for _ in range(2000)]
