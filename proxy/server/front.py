@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Protocol
 
-import orjson
-
 from proxy.chain import Handler
 from proxy.clock import Clock
 from proxy.config import LimitsConfig
-from proxy.errors import ProxyError, error_body
-from proxy.http import Headers, Response
+from proxy.server.driver import RequestDriver
 
 
 class ClientConnection(Protocol):
@@ -26,7 +22,8 @@ class ClientConnection(Protocol):
 
 
 class Front:
-    """What all client connections share: the chain, limits, request ids and the connection set."""
+    """What all client connections share: the request driver (the chain, request ids, the
+    answers the sidecar gives itself), limits and the connection set."""
 
     def __init__(
         self,
@@ -36,17 +33,13 @@ class Front:
         loop: asyncio.AbstractEventLoop,
         max_connections: int,
     ) -> None:
-        self.handler = handler
+        self.driver = RequestDriver(handler, limits, clock)
         self.limits = limits
         self.clock = clock
         self.loop = loop
         self.max_connections = max_connections
         self.connections: set[ClientConnection] = set()
         self.shutting_down = False
-        self._rid_prefix = os.urandom(6).hex().encode() + b"-"
-        self._rid_counter = 0
-        # Answered by the front itself, before the chain: liveness for systemd/k8s probes.
-        self.local: dict[bytes, bytes] = {b"/healthz": orjson.dumps({"status": "ok"})}
         # Makes the protocol of a new HTTP/2 connection (set by App when http2.enabled).
         self.h2_factory: Callable[[], asyncio.Protocol] | None = None
 
@@ -62,11 +55,7 @@ class Front:
 
     def set_handler(self, handler: Handler) -> None:
         """Swap the chain (reload): requests already in flight finish on the old one."""
-        self.handler = handler
-
-    def next_request_id(self) -> bytes:
-        self._rid_counter += 1
-        return b"%b%d" % (self._rid_prefix, self._rid_counter)
+        self.driver.handler = handler
 
     def switch_to_h2(self, transport: asyncio.Transport, data: bytes) -> bool:
         """Hand a connection to the HTTP/2 front, replaying ``data`` (from the preface on).
@@ -92,13 +81,6 @@ class Front:
             await asyncio.sleep(0.05)
         for conn in list(self.connections):
             conn.abort()
-
-
-def error_response(err: ProxyError) -> Response:
-    """The one place a typed error becomes what the client sees (OpenAI error shape)."""
-    headers = Headers([(b"content-type", b"application/json")])
-    headers.extend(err.headers)
-    return Response(err.status, headers, error_body(err))
 
 
 def _status_lines() -> dict[int, bytes]:

@@ -21,6 +21,8 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, cast
 
 import httptools
+from h2.errors import ErrorCodes
+from hyperframe.frame import GoAwayFrame
 
 from proxy.body import aclose_body, discard_body, is_event_stream
 from proxy.errors import (
@@ -32,8 +34,9 @@ from proxy.errors import (
     internal_error,
     sse_error_event,
 )
-from proxy.http import Headers, PipeableBody, Request, RequestContext, Response
-from proxy.server.front import error_response, status_line
+from proxy.http import Headers, PipeableBody, Request, Response
+from proxy.server.driver import RequestDriver
+from proxy.server.front import status_line
 
 if TYPE_CHECKING:
     from proxy.server.front import Front
@@ -72,19 +75,21 @@ class _Closed(Exception):
 class H1Connection(asyncio.Protocol):
     def __init__(self, front: Front) -> None:
         self.front = front
+        self.driver: RequestDriver = front.driver
         self.loop = front.loop
         self.limits = front.limits
         self.transport: asyncio.Transport | None = None
         self.peer = ""
         self.parser = httptools.HttpRequestParser(self)
         self.closed = False
-        self._queue: deque[_Item | ProxyError] = deque()
+        self._queue: deque[_Item | Response] = deque()
         self._busy = False  # a response is being produced or written
         self._reading_paused = False
         self._stop_parsing = False
         self._close_after = False  # graceful shutdown asked us to close when idle
         self._task: asyncio.Task[None] | None = None  # _serve, from the first request on
         self._job: Request | None = None  # the request for _serve to answer next
+        self._current: Request | None = None  # the request _serve is answering
         self._job_http11 = True  # whether its client speaks HTTP/1.1
         self._wake: asyncio.Future[None] | None = None  # _serve waits on it for the next job
         self._producer: PipeableBody | None = None  # the body being piped to us
@@ -142,6 +147,9 @@ class H1Connection(asyncio.Protocol):
                     return
                 if self._switch_to_h2(data):
                     return
+            elif data.startswith(H2_PREFACE) and self.front.h2_factory is not None:
+                self._bad_h2_preface()
+                return
         if self._stop_parsing:
             return
         self._read_len = len(data)
@@ -203,6 +211,9 @@ class H1Connection(asyncio.Protocol):
         if producer is not None:
             self._producer = None
             producer.abort()
+        current = self._current
+        if current is not None:
+            current.ctx.disconnected = True
         task = self._task
         if task is not None and not task.done():
             task.cancel()
@@ -300,19 +311,13 @@ class H1Connection(asyncio.Protocol):
             self._upgrade_head = self._head_without_upgrade()  # data_received parses it again
             return
         body = self._body
-        rid = self._request_id
-        if rid is None:
-            rid = self.front.next_request_id()
-            headers.append((b"x-request-id", rid))
-        elif len(rid) > 200:
-            rid = self.front.next_request_id()
-            headers.set(b"x-request-id", rid)
-        request = Request(
+        request = self.driver.request(
             parser.get_method().decode(),
             self._url,
             headers,
             body[0] if len(body) == 1 else b"".join(body),
-            RequestContext(rid, self.peer, self.loop.time()),
+            self.peer,
+            self._request_id,
         )
         keep_alive = parser.should_keep_alive()
         # HTTP/1.0 keeps a connection alive only when a Connection header asks to: without one, a
@@ -343,35 +348,29 @@ class H1Connection(asyncio.Protocol):
         return b"".join(parts)
 
     def _headers_too_large(self) -> HeadersTooLarge:
-        return HeadersTooLarge(
-            f"request headers exceed {self.limits.max_header_bytes} bytes (limits.max_header_bytes)"
-        )
+        return self.driver.headers_too_large()
 
     def _too_large(self) -> PayloadTooLarge:
-        return PayloadTooLarge(
-            f"request body exceeds {self.limits.max_body_bytes} bytes (limits.max_body_bytes)"
-        )
+        return self.driver.too_large()
 
     # -- answering -------------------------------------------------------------------------------
-    def _dispatch(self, item: _Item | ProxyError) -> None:
-        if isinstance(item, ProxyError):
+    def _dispatch(self, item: _Item | Response) -> None:
+        if isinstance(item, Response):  # an early error's answer (_reject)
             self._busy = True
             self._keep_alive = False
-            response = error_response(item)
-            assert isinstance(response.body, bytes)
-            self._write_whole(response, response.body, None, http11=True)
+            assert isinstance(item.body, bytes)
+            self._write_whole(item, item.body, None, http11=True)
         else:
             self._answer(*item)
 
     def _answer(self, request: Request, keep_alive: bool, http11: bool) -> None:
         self._busy = True
         self._keep_alive = keep_alive and not self._close_after
-        if request.method == "GET":
-            local = self.front.local.get(request.raw_target)
-            if local is not None:
-                resp = Response(200, Headers([(b"content-type", b"application/json")]), local)
-                self._write_whole(resp, local, request, http11)
-                return
+        local = self.driver.local_answer(request)
+        if local is not None:
+            assert isinstance(local.body, bytes)
+            self._write_whole(local, local.body, request, http11)
+            return
         self._job = request
         self._job_http11 = http11
         wake = self._wake
@@ -397,6 +396,7 @@ class H1Connection(asyncio.Protocol):
                     return
                 continue
             self._job = None
+            self._current = request
             try:
                 # One request in a frame of its own: its response is not held while the
                 # connection waits for the next.
@@ -407,21 +407,11 @@ class H1Connection(asyncio.Protocol):
                 log.exception("failed to answer %s %s; closing the connection", request.method, request.path)
                 self.abort()
                 return
+            finally:
+                self._current = None
 
     async def _respond(self, request: Request, http11: bool) -> None:
-        try:
-            response = await self.front.handler(request)
-        except ProxyError as e:
-            response = error_response(e)
-        except asyncio.CancelledError:
-            if self.closed:
-                raise
-            # cancelled from inside the chain, not by the client leaving: an error, not silence
-            log.error("request %s %s was cancelled inside the chain", request.method, request.path)
-            response = error_response(internal_error())
-        except Exception:
-            log.exception("unhandled error for %s %s", request.method, request.path)
-            response = error_response(internal_error())
+        response = await self.driver.respond(request)
         if self.closed:
             discard_body(response)
             return
@@ -575,6 +565,7 @@ class H1Connection(asyncio.Protocol):
 
     def _reject(self, err: ProxyError) -> None:
         """Malformed or over-limit input: answer (after what is in flight) and close."""
+        answer = self.driver.early_error(err, self._request_id)
         self._stop_parsing = True
         self._phase = BUSY
         self._deadline = INF
@@ -582,9 +573,9 @@ class H1Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.pause_reading()
         if self._busy:
-            self._queue.append(err)
+            self._queue.append(answer)
         else:
-            self._dispatch(err)
+            self._dispatch(answer)
 
     def _linger(self) -> None:
         """Half-close after the error response; drop input until EOF or LINGER_S, then close."""
@@ -611,6 +602,17 @@ class H1Connection(asyncio.Protocol):
             self._timer = None
             self._timer_at = INF
         return self.front.switch_to_h2(transport, data)
+
+    def _bad_h2_preface(self) -> None:
+        """An HTTP/2 client whose preface is wrong: answered as HTTP/2 answers it (RFC 9113
+        §3.4: a connection error, GOAWAY PROTOCOL_ERROR), not with an HTTP/1.1 400."""
+        log.info("HTTP/2 client %s sent an invalid connection preface; closing", self.peer)
+        self._stop_parsing = True
+        transport = self.transport
+        if transport is not None and not self.closed:
+            goaway = GoAwayFrame(0, last_stream_id=0, error_code=ErrorCodes.PROTOCOL_ERROR)
+            transport.write(goaway.serialize())
+            transport.close()
 
     def close_when_idle(self) -> None:
         self._close_after = True

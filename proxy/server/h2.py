@@ -40,7 +40,7 @@ from h2.events import (
     TrailersReceived,
     WindowUpdated,
 )
-from h2.exceptions import ProtocolError, StreamClosedError
+from h2.exceptions import NoSuchStreamError, ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
 from hpack.exceptions import HPACKError
 from hyperframe.frame import GoAwayFrame
@@ -48,7 +48,6 @@ from hyperframe.frame import GoAwayFrame
 from proxy.config import Http2Config
 from proxy.errors import PayloadTooLarge, RequestTimeout
 from proxy.h2.hpack_encoder import StaticEncoder
-from proxy.http import Headers, Request, RequestContext, Response
 from proxy.server.h2_decoder import FastDecoder
 from proxy.server.h2_guard import ENHANCE_YOUR_CALM, FrameGuard, Violation
 from proxy.server.h2_request import MalformedHeaders, check_trailers, split_request
@@ -68,6 +67,16 @@ log = logging.getLogger("llm_sidecar.front")
 LINGER_S = 1.0
 # flush_soon() writes at once when this much is queued in h2 (a big stream, not small responses).
 FLUSH_NOW_BYTES = 64 * 1024
+
+
+def describe(e: ProtocolError) -> str:
+    """What was wrong, for the log: some of h2's errors print as their stream id alone."""
+    if isinstance(e, StreamClosedError):
+        return f"a frame on stream {e.stream_id}, which is closed (StreamClosedError)"
+    if isinstance(e, NoSuchStreamError):
+        return f"a frame on stream {e.stream_id}, which does not exist (NoSuchStreamError)"
+    text = str(e)
+    return f"{text} ({type(e).__name__})" if text else type(e).__name__
 
 
 class H2Connection(asyncio.Protocol):
@@ -135,7 +144,7 @@ class H2Connection(asyncio.Protocol):
         try:
             events = self.h2.receive_data(data)
         except ProtocolError as e:  # h2 has queued the GOAWAY with the right code
-            log.info("HTTP/2 protocol error from %s: %s", self.peer, e)
+            log.info("HTTP/2 protocol error from %s: %s", self.peer, describe(e))
             if type(e) is ProtocolError and isinstance(e.__cause__, HPACKError):
                 self._replace_goaway(ErrorCodes.COMPRESSION_ERROR)  # RFC 9113 §4.3; h2 says PROTOCOL_ERROR
             self._die(None)
@@ -328,24 +337,21 @@ class H2Connection(asyncio.Protocol):
         """The request is complete: build it, and answer it in a task of its own (H2Stream.respond)."""
         st.responding = True
         st.deadline = INF
-        front = self.front
-        ctx = RequestContext(front.next_request_id(), self.peer, self.loop.time())
+        driver = self.front.driver
         headers = st.headers
-        rid = headers.get(b"x-request-id")
-        if rid is None:
-            headers.append((b"x-request-id", ctx.request_id))
-        elif len(rid) > 200:
-            headers.set(b"x-request-id", ctx.request_id)
-        else:
-            ctx.request_id = rid
         body = st.body
-        st.request = request = Request(
-            st.method, st.path, headers, body[0] if len(body) == 1 else b"".join(body), ctx
+        st.request = request = driver.request(
+            st.method,
+            st.path,
+            headers,
+            body[0] if len(body) == 1 else b"".join(body),
+            self.peer,
+            headers.get(b"x-request-id"),
         )
         st.body = []
-        local = front.local.get(st.path)
-        if local is not None and st.method == "GET":
-            st.send_whole(Response(200, Headers([(b"content-type", b"application/json")]), local))
+        local = driver.local_answer(request)
+        if local is not None:
+            st.send_whole(local)
             return
         st.task = self.loop.create_task(st.respond(request))
 
@@ -494,6 +500,4 @@ class H2Connection(asyncio.Protocol):
         self.forget_if_done(st)
 
     def _too_large(self) -> PayloadTooLarge:
-        return PayloadTooLarge(
-            f"request body exceeds {self.limits.max_body_bytes} bytes (limits.max_body_bytes)"
-        )
+        return self.front.driver.too_large()

@@ -22,9 +22,8 @@ from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError, StreamClosedError
 
 from proxy.body import aclose_body, discard_body, is_event_stream
-from proxy.errors import ProxyError, internal_error, sse_error_event
+from proxy.errors import ProxyError, sse_error_event
 from proxy.http import HOP_BY_HOP, Headers, PipeableBody, Request, Response
-from proxy.server.front import error_response
 
 if TYPE_CHECKING:
     from proxy.server.h2 import H2Connection
@@ -99,13 +98,7 @@ class H2Stream:
         """The stream's task: the chain, then the response (piped, iterated or whole)."""
         conn = self.conn
         try:
-            try:
-                response = await conn.front.handler(request)
-            except ProxyError as e:
-                response = error_response(e)
-            except Exception:
-                log.exception("unhandled error for %s %s", request.method, request.path)
-                response = error_response(internal_error())
+            response = await conn.front.driver.respond(request)
             if self.reset or conn.closed:
                 discard_body(response)
                 return
@@ -178,7 +171,7 @@ class H2Stream:
         self.responding = True
         self.deadline = INF
         self.body = []
-        self.send_whole(error_response(err))
+        self.send_whole(self.conn.front.driver.early_error(err, self.headers.get(b"x-request-id")))
 
     async def _write_iter(self, body: AsyncIterator[bytes]) -> None:
         try:

@@ -6,8 +6,9 @@ from typing import Protocol
 
 from proxy.http import Headers, Request, Response
 
-# Response headers that never pass through: hop-by-hop, framing (the front recomputes it) and the
-# request id (the front sets the client's own).
+# Response headers that never pass through: hop-by-hop, framing (the front recomputes it), the
+# request id (the front sets the client's own) and ``server`` (what software the backend runs is
+# not the client's business).
 RESPONSE_DROP: frozenset[bytes] = frozenset(
     {
         b"connection",
@@ -20,6 +21,7 @@ RESPONSE_DROP: frozenset[bytes] = frozenset(
         b"upgrade",
         b"content-length",
         b"x-request-id",
+        b"server",
     }
 )
 

@@ -251,6 +251,19 @@ def test_http2_disabled_rejects_the_preface(mock: MockProcess, tmp_path: Path) -
         assert "(HTTP/1.1)" in sidecar.logs()
 
 
+@pytest.mark.parametrize(
+    "garbage", [b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n", b"PRI * HTTP/2.0 and then some nonsense"]
+)
+def test_a_wrong_http2_preface_gets_goaway_protocol_error(sidecar: SidecarProcess, garbage: bytes) -> None:
+    """Bytes that start as the HTTP/2 preface but are not it are an HTTP/2 connection error
+    (RFC 9113 §3.4), answered as such, not with an HTTP/1.1 400 claiming HTTP/2 is off."""
+    with socket.create_connection((sidecar.host, sidecar.port), timeout=5) as sock:
+        sock.sendall(garbage)
+        assert read_goaway(sock) == (ErrorCodes.PROTOCOL_ERROR, 0)
+        assert closed_after(sock)
+    assert "invalid connection preface" in sidecar.logs()
+
+
 # ---- cancellation: RST_STREAM stops the upstream request ---------------------------------------
 
 

@@ -1,0 +1,118 @@
+"""The one request driver both fronts call (HTTP/1.1 and HTTP/2), so that what a client is
+answered never depends on the protocol it speaks.
+
+A front parses bytes into a method, target, headers and body; the driver makes the
+:class:`~proxy.http.Request` (request id, start time from the injected clock), answers what the
+sidecar answers itself before the chain (``/healthz``), runs the chain with the one mapping of
+failures to answers, and makes the errors a front raises before a request is complete (413, 431,
+400, 408) carry a request id like every other answer. The front then writes the response in its
+own framing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import orjson
+
+from proxy.chain import Handler
+from proxy.clock import Clock
+from proxy.config import LimitsConfig
+from proxy.errors import HeadersTooLarge, PayloadTooLarge, ProxyError, error_body, internal_error
+from proxy.http import Headers, Request, RequestContext, Response
+
+log = logging.getLogger("llm_sidecar.front")
+
+# A client's x-request-id longer than this is replaced by ours (it goes into logs and upstreams).
+MAX_REQUEST_ID = 200
+HEAD_METHODS = frozenset({"GET", "HEAD"})
+
+
+def error_response(err: ProxyError) -> Response:
+    """The one place a typed error becomes what the client sees (OpenAI error shape)."""
+    headers = Headers([(b"content-type", b"application/json")])
+    headers.extend(err.headers)
+    return Response(err.status, headers, error_body(err))
+
+
+class RequestDriver:
+    def __init__(self, handler: Handler, limits: LimitsConfig, clock: Clock) -> None:
+        self.handler = handler
+        self.limits = limits
+        self.clock = clock
+        self._rid_prefix = os.urandom(6).hex().encode() + b"-"
+        self._rid_counter = 0
+        # Answered before the chain, to GET and HEAD: liveness for systemd/k8s probes.
+        self._local: dict[bytes, bytes] = {b"/healthz": orjson.dumps({"status": "ok"})}
+
+    def next_request_id(self) -> bytes:
+        self._rid_counter += 1
+        return b"%b%d" % (self._rid_prefix, self._rid_counter)
+
+    def request_id(self, client_rid: bytes | None) -> bytes:
+        """The client's x-request-id when it sent a usable one, else a new one of ours."""
+        if client_rid is None or len(client_rid) > MAX_REQUEST_ID:
+            return self.next_request_id()
+        return client_rid
+
+    def request(
+        self,
+        method: str,
+        raw_target: bytes,
+        headers: Headers,
+        body: bytes,
+        peer: str,
+        client_rid: bytes | None,
+    ) -> Request:
+        """A complete request. ``client_rid`` is the client's x-request-id header, if any; the
+        forwarded headers carry the id this request is known by."""
+        rid = self.request_id(client_rid)
+        if client_rid is None:
+            headers.append((b"x-request-id", rid))
+        elif rid is not client_rid:
+            headers.set(b"x-request-id", rid)
+        return Request(method, raw_target, headers, body, RequestContext(rid, peer, self.clock.now()))
+
+    def local_answer(self, request: Request) -> Response | None:
+        """What the sidecar answers itself, without the chain (None: the chain answers)."""
+        if request.method in HEAD_METHODS:
+            body = self._local.get(request.raw_target)
+            if body is not None:
+                return Response(200, Headers([(b"content-type", b"application/json")]), body)
+        return None
+
+    async def respond(self, request: Request) -> Response:
+        """Run the chain; every failure becomes an answer, except the client leaving (the front
+        cancelled the task), which propagates as CancelledError."""
+        try:
+            return await self.handler(request)
+        except ProxyError as e:
+            return error_response(e)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if request.ctx.disconnected or (task is not None and task.cancelling()):
+                raise
+            # raised inside the chain (a bug), the client still there: an error, not silence
+            log.error("request %s %s was cancelled inside the chain", request.method, request.path)
+            return error_response(internal_error())
+        except Exception:
+            log.exception("unhandled error for %s %s", request.method, request.path)
+            return error_response(internal_error())
+
+    def early_error(self, err: ProxyError, client_rid: bytes | None) -> Response:
+        """The answer to a request refused before it was complete: with a request id too."""
+        response = error_response(err)
+        response.headers.append((b"x-request-id", self.request_id(client_rid)))
+        return response
+
+    def too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(
+            f"request body exceeds {self.limits.max_body_bytes} bytes (limits.max_body_bytes)"
+        )
+
+    def headers_too_large(self) -> HeadersTooLarge:
+        return HeadersTooLarge(
+            f"request headers exceed {self.limits.max_header_bytes} bytes (limits.max_header_bytes)"
+        )
