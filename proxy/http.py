@@ -153,20 +153,24 @@ class Response:
 
     Only the front writes to the client, so a middleware may replace a response until the front
     has it. A middleware that changes the length of a streamed body must drop ``content-length``.
+    A response owns its headers: it keeps a copy of what it is given, so a list shared by several
+    responses (or a module's constant) is never changed through one of them.
     """
 
     __slots__ = ("body", "headers", "status")
 
-    def __init__(self, status: int, headers: Headers, body: bytes | AsyncIterator[bytes]) -> None:
+    def __init__(
+        self, status: int, headers: Iterable[tuple[bytes, bytes]], body: bytes | AsyncIterator[bytes]
+    ) -> None:
         self.status = status
-        self.headers = headers
+        self.headers = Headers(headers)
         self.body = body
 
     @classmethod
-    def json(cls, status: int, payload: Any, headers: Headers | None = None) -> Response:
-        h = headers if headers is not None else Headers()
-        h.append((b"content-type", b"application/json"))
-        return cls(status, h, orjson.dumps(payload))
+    def json(cls, status: int, payload: Any, headers: Iterable[tuple[bytes, bytes]] = ()) -> Response:
+        response = cls(status, headers, orjson.dumps(payload))
+        response.headers.append((b"content-type", b"application/json"))
+        return response
 
 
 class BodySink(Protocol):
