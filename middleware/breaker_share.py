@@ -45,16 +45,20 @@ class SharedBreakerConfig:
 class BreakerShare:
     def __init__(self, cfg: SharedBreakerConfig, breakers: dict[str, CircuitState], clock: Clock) -> None:
         self.cfg = cfg
-        self.breakers = breakers
         self.clock = clock
-        self.names = tuple(breakers)
-        self.keys = {name: f"{cfg.key_prefix}{{circuit}}:{name}" for name in self.names}
+        self.track(breakers)
         self.timeout_s = cfg.timeout_ms / 1000
-        self._pending: set[str] = set()  # upstreams whose breaker opened here, to publish
         self._task: asyncio.Task[None] | None = None
         self._redis: redis.asyncio.Redis | None = None
         self._failing = False
         self.rounds = 0  # round trips that worked (tests, logs)
+
+    def track(self, breakers: dict[str, CircuitState]) -> None:
+        """Share these breakers from the next round on (a reload may change the upstreams)."""
+        self.breakers = breakers
+        self.names = tuple(breakers)
+        self.keys = {name: f"{self.cfg.key_prefix}{{circuit}}:{name}" for name in self.names}
+        self._pending: set[str] = set()  # upstreams whose breaker opened here, to publish
 
     def start(self) -> None:
         """Start the background task on the running loop (``CircuitBreaker.start``; once)."""

@@ -83,9 +83,19 @@ class CircuitBreaker:
         self._never_slow_below = min(config.slow_call_s, config.slow_call_non_stream_s or math.inf)
         self.count_429 = config.count_429
         rules = TripRules(**{f.name: getattr(config, f.name) for f in fields(TripRules)})
-        self.breakers = {name: CircuitState(rules, ctx.clock) for name in ctx.upstreams}
+        prev = ctx.previous if isinstance(ctx.previous, CircuitBreaker) else None
+        # After a reload with this config unchanged: the upstreams kept keep their breakers' state.
+        kept: dict[str, CircuitState] = prev.breakers if prev is not None else {}
+        self.breakers: dict[str, CircuitState] = {
+            name: kept.get(name) or CircuitState(rules, ctx.clock) for name in ctx.upstreams
+        }
         shared = config.shared
-        self.share = None if shared is None else BreakerShare(shared, self.breakers, ctx.clock)
+        self.share: BreakerShare | None = None
+        if prev is not None and prev.share is not None:
+            self.share = prev.share  # its Redis sync goes on, now for this build's breakers
+            self.share.track(self.breakers)
+        elif shared is not None:
+            self.share = BreakerShare(shared, self.breakers, ctx.clock)
         self._healthy = self._available  # bound once, not per request
 
     def _available(self, upstream: str) -> bool:

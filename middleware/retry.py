@@ -67,7 +67,12 @@ class Retry:
         self.cfg = config
         self.clock = ctx.clock
         self.backoff = Backoff(config.base_s, config.cap_s, ctx.rng)
-        self.budget = RetryBudget(config.budget_ratio, config.budget_floor, config.budget_window_s)
+        prev = ctx.previous
+        self.budget: RetryBudget = (
+            prev.budget  # a reload with this config unchanged: the budget's window goes on
+            if isinstance(prev, Retry)
+            else RetryBudget(config.budget_ratio, config.budget_floor, config.budget_window_s)
+        )
         statuses = set(config.on_status)
         if config.on_429:
             statuses.add(429)

@@ -1,4 +1,14 @@
-"""Assembly: one object graph built from a Config — pools, router, chain, front, listener."""
+"""Assembly: the long-lived resources, and what each config builds on them.
+
+What outlives a config: the listener and the front (its connections), the upstream pools (reused
+by a new config that keeps the upstream as it was), and the state of every middleware whose
+config did not change (buckets, breakers, budgets), handed to its successor through
+``BuildContext.previous``. What a config builds (:class:`Build`): the router, the middleware and
+the chain composed of them. A reload builds the whole new chain first, then swaps it in one
+assignment (``RequestDriver.swap``); requests in flight finish on the old one, which is closed
+once its last response is complete: the middleware not carried over are closed, and the pools no
+config uses any more drain (their in-flight exchanges finish) and close.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +17,7 @@ import logging
 import random
 import socket
 import ssl
+from collections.abc import Coroutine
 from functools import partial
 from typing import Any
 
@@ -26,6 +37,37 @@ from proxy.upstream.factory import make_upstream
 
 log = logging.getLogger("llm_sidecar")
 
+# Config sections read only at start: a reload that changes them says so and keeps them as they are.
+RESTART_ONLY = ("listen", "http2")
+
+
+class ReloadError(Exception):
+    """The new config could not be built; the old one keeps serving."""
+
+
+class Build:
+    """What one config builds: its router, its middleware and the chain they make."""
+
+    def __init__(
+        self,
+        config: Config,
+        upstreams: dict[str, Upstream],
+        router: Router,
+        middleware: list[Any],
+        carried: list[Any],
+        handler: Handler,
+    ) -> None:
+        self.config = config
+        self.upstreams = upstreams
+        self.router = router
+        self.middleware = middleware
+        self.carried = carried  # the previous build's middleware whose state these took over
+        self.handler = handler
+
+    def fresh(self) -> list[Any]:
+        """Its middleware that did not take a predecessor's state (they start their own work)."""
+        return [mw for mw, prev in zip(self.middleware, self.carried, strict=True) if prev is None]
+
 
 class App:
     def __init__(
@@ -35,41 +77,119 @@ class App:
         clock: Clock | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        self.config = config
         self.loop = loop
         self.clock = clock or MonotonicClock()
         self.rng = rng or random.Random()
-        self.upstreams: dict[str, Upstream] = {
+        upstreams: dict[str, Upstream] = {
             name: make_upstream(name, cfg, loop) for name, cfg in config.upstreams.items()
         }
-        self.router = Router(config.routes)
-        self.middleware: list[Any] = []
-        handler = self._build_chain()
-        self.front = Front(handler, config.limits, self.clock, loop, config.listen.max_connections)
+        self.build = self._build(config, upstreams, None)
+        self.front = Front(self.build.handler, config.limits, self.clock, loop, config.listen.max_connections)
         if config.http2.enabled:
             self.front.h2_factory = partial(H2Connection, self.front, config.http2)
         self.server: asyncio.Server | None = None
+        self.reloads = {"ok": 0, "failed": 0}  # read by the metrics
+        self._tasks: set[asyncio.Task[None]] = set()  # closing retired builds; stop() waits for them
+        # Builds a reload replaced whose last response is not complete yet: (old, new, pools to close).
+        self._retired: dict[int, tuple[Build, Build, list[Upstream]]] = {}
 
-    def _build_chain(self) -> Handler:
-        forwarder = Forwarder(self.router, self.upstreams, self.config.fallback_upstream, self.rng)
-        ctx = BuildContext(
-            clock=self.clock,
-            rng=self.rng,
-            route_models=self.router.models,
-            router=self.router,
-            upstreams=tuple(self.upstreams),
-        )
-        self.middleware = [entry.factory(entry.config, ctx) for entry in self.config.middleware]
-        chain: list[Any] = list(self.middleware)
-        if self.config.log.access_log:
+    @property
+    def config(self) -> Config:
+        return self.build.config
+
+    # -- building --------------------------------------------------------------------------------
+    def _build(self, config: Config, upstreams: dict[str, Upstream], previous: Build | None) -> Build:
+        router = Router(config.routes)
+        forwarder = Forwarder(router, upstreams, config.fallback_upstream, self.rng)
+        available = []
+        if previous is not None:
+            available = list(zip(previous.config.middleware, previous.middleware, strict=True))
+        middleware: list[Any] = []
+        carried: list[Any] = []
+        for entry in config.middleware:
+            prev = None
+            for i, (old_entry, old_mw) in enumerate(available):
+                if old_entry.type == entry.type and old_entry.config == entry.config:
+                    prev = old_mw
+                    del available[i]
+                    break
+            ctx = BuildContext(
+                clock=self.clock,
+                rng=self.rng,
+                route_models=router.models,
+                router=router,
+                upstreams=tuple(upstreams),
+                previous=prev,
+            )
+            middleware.append(entry.factory(entry.config, ctx))
+            carried.append(prev)
+        chain: list[Any] = list(middleware)
+        if config.log.access_log:
             chain.insert(0, AccessLog(self.clock))  # first, so it sees every status the chain returns
-        return compose(chain, forwarder)
+        return Build(config, upstreams, router, middleware, carried, compose(chain, forwarder))
 
+    async def reload(self, config: Config) -> list[str]:
+        """Build ``config`` in full, then serve new requests with it. Returns what it did not apply
+        (sections that need a restart). Raises ReloadError, with nothing changed, when the new
+        chain cannot be built."""
+        old = self.build
+        notes = [
+            f"{name}: changed, but it takes a restart; still as before"
+            for name in RESTART_ONLY
+            if getattr(config, name) != getattr(old.config, name)
+        ]
+        upstreams: dict[str, Upstream] = {}
+        opened: list[Upstream] = []
+        for name, cfg in config.upstreams.items():
+            pool = old.upstreams.get(name)
+            if pool is None or old.config.upstreams[name] != cfg:
+                pool = make_upstream(name, cfg, self.loop)
+                opened.append(pool)
+            upstreams[name] = pool
+        try:
+            build = self._build(config, upstreams, old)
+            for mw in build.fresh():
+                start = getattr(mw, "start", None)
+                if start is not None:
+                    await start()
+        except Exception as e:
+            for pool in opened:
+                await pool.close()
+            raise ReloadError(f"{type(e).__name__}: {e}") from e
+        self.build = build
+        self.front.limits = config.limits  # (new connections)
+        self.front.driver.limits = config.limits
+        retired = self.front.driver.swap(build.handler)
+        gone = [pool for name, pool in old.upstreams.items() if upstreams.get(name) is not pool]
+        self._retired[id(old)] = (old, build, gone)
+        retired.retire(partial(self._spawn_close, id(old)))
+        return notes
+
+    def _spawn_close(self, key: int) -> None:
+        retired = self._retired.pop(key, None)
+        if retired is not None:
+            self._spawn(self._close_retired(*retired))
+
+    async def _close_retired(self, old: Build, new: Build, pools: list[Upstream]) -> None:
+        """The last response of ``old`` is complete: close what the new build did not take."""
+        taken = {id(mw) for mw in new.carried if mw is not None}
+        for mw in old.middleware:
+            if id(mw) not in taken:
+                await _aclose(mw)
+        for pool in pools:
+            await pool.close()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- serving ---------------------------------------------------------------------------------
     async def start(self) -> None:
         """Listen, then let each middleware with an ``async def start(self)`` start its background
         work on this loop (e.g. ``circuit_breaker.shared``'s Redis sync)."""
         await self._listen()
-        for mw in self.middleware:
+        for mw in self.build.middleware:
             start = getattr(mw, "start", None)
             if start is not None:
                 await start()
@@ -104,27 +224,45 @@ class App:
         host, port = sock.getsockname()[:2]
         return host, port
 
+    def describe_routes(self) -> str:
+        """Routes and chain, as the start-up and reload lines show them."""
+        config = self.config
+        routes = "; ".join(
+            f"{r.model} → " + ", ".join(f"{t.upstream}/{t.model} ({t.weight:g})" for t in r.targets)
+            for r in config.routes
+        )
+        chain = " → ".join([*(e.type for e in config.middleware), "forward"])
+        return f"routes: {routes} | chain: {chain}"
+
     def describe(self) -> str:
         """The one start-up line: address, routes and chain."""
         host, port = self.address
         shown = f"[{host}]" if ":" in host else host
-        routes = "; ".join(
-            f"{r.model} → " + ", ".join(f"{t.upstream}/{t.model} ({t.weight:g})" for t in r.targets)
-            for r in self.config.routes
-        )
-        chain = " → ".join([*(e.type for e in self.config.middleware), "forward"])
         scheme = "https" if self.config.listen.tls is not None else "http"
         versions = "HTTP/1.1 + HTTP/2" if self.config.http2.enabled else "HTTP/1.1"
         where = f"{scheme}://{shown}:{port} ({versions})"
-        return f"llm-sidecar listening on {where} | routes: {routes} | chain: {chain}"
+        return f"llm-sidecar listening on {where} | {self.describe_routes()}"
 
-    async def stop(self, drain_s: float = 10.0) -> None:
+    async def stop(self, drain_s: float | None = None) -> None:
+        """Stop listening, let what is in flight finish (up to ``drain_timeout_s``), close all."""
         if self.server is not None:
             self.server.close()
-        await self.front.drain(drain_s)
-        for upstream in self.upstreams.values():
+        await self.front.drain(self.config.drain_timeout_s if drain_s is None else drain_s)
+        await asyncio.sleep(0)  # the aborted connections' connection_lost callbacks
+        for key in list(self._retired):  # still busy at the end of the drain: closed all the same
+            self._spawn_close(key)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for upstream in self.build.upstreams.values():
             await upstream.close()
-        for mw in self.middleware:
-            aclose = getattr(mw, "aclose", None)
-            if aclose is not None:
-                await aclose()
+        for mw in self.build.middleware:
+            await _aclose(mw)
+
+
+async def _aclose(mw: Any) -> None:
+    aclose = getattr(mw, "aclose", None)
+    if aclose is not None:
+        try:
+            await aclose()
+        except Exception:
+            log.exception("closing middleware %s failed", type(mw).__name__)

@@ -1,4 +1,5 @@
-"""Command line: ``llm-sidecar [--config FILE]`` serves; ``llm-sidecar check-config FILE`` checks.
+"""Command line: ``llm-sidecar [--config FILE]`` serves (SIGHUP reloads FILE, SIGTERM/SIGINT drain and
+stop); ``llm-sidecar check-config FILE`` checks.
 
 ``--config FILE`` may come before or after the command (``check-config --config FILE`` too)."""
 
@@ -13,7 +14,7 @@ import sys
 import time
 
 from proxy import __version__
-from proxy.app import App
+from proxy.app import App, ReloadError
 from proxy.config import Config
 from proxy.config_loader import ConfigError, load_config
 from proxy.sdnotify import Notifier
@@ -82,12 +83,12 @@ def serve(path: str) -> int:
     import uvloop
 
     try:
-        return int(uvloop.run(_serve(config, started)))
+        return int(uvloop.run(_serve(config, path, started)))
     except KeyboardInterrupt:
         return 0
 
 
-async def _serve(config: Config, started: float) -> int:
+async def _serve(config: Config, path: str, started: float) -> int:
     loop = asyncio.get_running_loop()
     app = App(config, loop)
     try:
@@ -101,13 +102,39 @@ async def _serve(config: Config, started: float) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    reload_wanted = asyncio.Event()
+    loop.add_signal_handler(signal.SIGHUP, reload_wanted.set)
     log.info("%s (ready in %.0f ms)", app.describe(), (time.monotonic() - started) * 1000)
     notifier = Notifier()
-    notifier.notify("READY=1")
+    notifier.ready()
     watchdog = loop.create_task(notifier.watchdog())
+    reloader = loop.create_task(_reload_on_signal(app, path, reload_wanted, notifier))
     await stop.wait()
-    log.info("stopping: finishing in-flight requests")
-    notifier.notify("STOPPING=1")
+    log.info("stopping: finishing in-flight requests (up to %g s)", app.config.drain_timeout_s)
+    notifier.stopping()
+    reloader.cancel()
     watchdog.cancel()
     await app.stop()
     return 0
+
+
+async def _reload_on_signal(app: App, path: str, wanted: asyncio.Event, notifier: Notifier) -> None:
+    """SIGHUP: read and check ``path`` again, build it, swap it in; a file with problems is
+    rejected with check-config's messages and the config in force goes on serving."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await wanted.wait()
+        wanted.clear()
+        notifier.reloading()
+        try:
+            config = await loop.run_in_executor(None, load_config, path)
+            notes = await app.reload(config)
+        except (ConfigError, ReloadError) as e:
+            app.reloads["failed"] += 1
+            log.error("reload of %s rejected; still serving the config before it:\n%s", path, e)
+        else:
+            app.reloads["ok"] += 1
+            for note in notes:
+                log.warning("reload of %s: %s", path, note)
+            log.info("config reloaded from %s | %s", path, app.describe_routes())
+        notifier.ready()

@@ -240,6 +240,9 @@ class Config:
     )
     middleware: tuple[MiddlewareEntry, ...] = opt((), "the chain, in order")
     log: LogConfig = opt(LogConfig(), "logging")
+    drain_timeout_s: float = opt(
+        30.0, "on SIGTERM/SIGINT: how long in-flight requests and streams may take to finish", min=0.0
+    )
     source: str = field(default="<memory>", compare=False)  # the file it came from
 
     def validate(self) -> list[tuple[str, str]]:

@@ -176,6 +176,14 @@ class UpstreamUnavailable(ProxyError):
     retryable = True  # this upstream's pool is saturated or shutting down: another target may serve
 
 
+class ShuttingDown(ProxyError):
+    """The sidecar is stopping and ``drain_timeout_s`` ran out before this response was complete."""
+
+    status = 503
+    type = "server_error"
+    code = "shutting_down"
+
+
 class NoHealthyTarget(UpstreamUnavailable):
     """Every target of the route (and of its fallbacks) has its circuit breaker open."""
 

@@ -66,6 +66,7 @@ class RequestContext:
     __slots__ = (
         "_extra",
         "attempt",
+        "build",
         "client",
         "disconnected",
         "identity",
@@ -86,6 +87,7 @@ class RequestContext:
         self.attempt = 0  # retries so far (``retry`` middleware)
         self.tried: tuple[Any, ...] = ()  # targets of earlier attempts, which failover avoids
         self.disconnected = False  # set by the front when the client goes away
+        self.build: Any = None  # the proxy.server.driver.Generation serving it, until it is done
         self._extra: dict[str, Any] | None = None
 
     @property

@@ -39,6 +39,10 @@ class BuildContext:
     route_models: tuple[str, ...]
     router: Router | None = None  # target selection and failover (None only in unit tests)
     upstreams: tuple[str, ...] = ()  # the configured upstream names
+    # On a reload: the instance this one replaces, when it had the same type and the same config.
+    # Take over its state (buckets, breakers, budgets) rather than starting afresh; it keeps
+    # serving its own requests in flight, and is not closed (its state lives on here).
+    previous: Any = None
 
 
 def resolve(type_name: str) -> Any:

@@ -59,7 +59,10 @@ class RateLimit:
         self.per_tenant = config.per == "tenant"
         self.routes = frozenset(context.route_models)  # other names share one bucket: no key per typo
         self.backend: Backend
-        if config.backend == "redis":
+        prev = context.previous
+        if isinstance(prev, RateLimit):
+            self.backend = prev.backend  # a reload with this config unchanged: the buckets go on
+        elif config.backend == "redis":
             self.backend = RedisBackend(config, context.clock)
         else:
             self.backend = MemoryBackend(context.clock, config.max_buckets)

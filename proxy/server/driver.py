@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 
 import orjson
 
@@ -37,9 +38,31 @@ def error_response(err: ProxyError) -> Response:
     return Response(err.status, headers, error_body(err))
 
 
+class Generation:
+    """One chain and the requests it serves. A reload makes a new one current; the old one serves
+    what it had until its last response is complete, then ``on_idle`` runs (once)."""
+
+    __slots__ = ("handler", "in_flight", "on_idle")
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.in_flight = 0  # requests started on it whose responses are not complete
+        self.on_idle: Callable[[], None] | None = None  # set when it is replaced
+
+    def retire(self, on_idle: Callable[[], None]) -> None:
+        self.on_idle = on_idle
+        if not self.in_flight:
+            self._idle()
+
+    def _idle(self) -> None:
+        on_idle, self.on_idle = self.on_idle, None
+        if on_idle is not None:
+            on_idle()
+
+
 class RequestDriver:
     def __init__(self, handler: Handler, limits: LimitsConfig, clock: Clock) -> None:
-        self.handler = handler
+        self.current = Generation(handler)
         self.limits = limits
         self.clock = clock
         self._rid_prefix = os.urandom(6).hex().encode() + b"-"
@@ -73,7 +96,26 @@ class RequestDriver:
             headers.append((b"x-request-id", rid))
         elif rid is not client_rid:
             headers.set(b"x-request-id", rid)
-        return Request(method, raw_target, headers, body, RequestContext(rid, peer, self.clock.now()))
+        ctx = RequestContext(rid, peer, self.clock.now())
+        ctx.build = build = self.current
+        build.in_flight += 1
+        return Request(method, raw_target, headers, body, ctx)
+
+    def done(self, request: Request) -> None:
+        """The response is complete, or will never be (the client left). Once per request: the
+        fronts call it wherever a response ends, and only the first call counts."""
+        ctx = request.ctx
+        build = ctx.build
+        if build is not None:
+            ctx.build = None
+            build.in_flight -= 1
+            if not build.in_flight and build.on_idle is not None:
+                build._idle()
+
+    def swap(self, handler: Handler) -> Generation:
+        """Make ``handler`` serve new requests (reload); returns the generation it replaced."""
+        old, self.current = self.current, Generation(handler)
+        return old
 
     def local_answer(self, request: Request) -> Response | None:
         """What the sidecar answers itself, without the chain (None: the chain answers)."""
@@ -86,8 +128,10 @@ class RequestDriver:
     async def respond(self, request: Request) -> Response:
         """Run the chain; every failure becomes an answer, except the client leaving (the front
         cancelled the task), which propagates as CancelledError."""
+        build = request.ctx.build  # the generation it started on (None: already done, gone)
+        handler = build.handler if build is not None else self.current.handler
         try:
-            return await self.handler(request)
+            return await handler(request)
         except ProxyError as e:
             return error_response(e)
         except asyncio.CancelledError:

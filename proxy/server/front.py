@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Protocol
@@ -10,12 +11,25 @@ from typing import Protocol
 from proxy.chain import Handler
 from proxy.clock import Clock
 from proxy.config import LimitsConfig
+from proxy.errors import ProxyError, ShuttingDown
 from proxy.server.driver import RequestDriver
+
+log = logging.getLogger("llm_sidecar.front")
+
+# After cutting the responses still under way at the end of a drain: how long their last bytes
+# (an SSE error event, a final chunk) have to leave before the connections are aborted.
+CUT_FLUSH_S = 1.0
 
 
 class ClientConnection(Protocol):
     def close_when_idle(self) -> None:
         """Finish what is in flight, then close (graceful shutdown)."""
+        ...
+
+    def cut(self, err: ProxyError) -> int:
+        """The drain ran out: end every response under way with ``err`` (an SSE stream with its
+        error event, like any broken stream), stop their upstream work, close; returns how many
+        responses were cut."""
         ...
 
     def abort(self) -> None: ...
@@ -53,10 +67,6 @@ class Front:
         peer = transport.get_extra_info("peername")
         return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
-    def set_handler(self, handler: Handler) -> None:
-        """Swap the chain (reload): requests already in flight finish on the old one."""
-        self.driver.handler = handler
-
     def switch_to_h2(self, transport: asyncio.Transport, data: bytes) -> bool:
         """Hand a connection to the HTTP/2 front, replaying ``data`` (from the preface on).
 
@@ -72,15 +82,24 @@ class Front:
         return True
 
     async def drain(self, timeout_s: float) -> None:
-        """Graceful shutdown: idle connections close now, busy ones after their response."""
+        """Graceful shutdown: idle connections close now, busy ones after their response; what is
+        still under way after ``timeout_s`` is cut (``ClientConnection.cut``)."""
         self.shutting_down = True
         for conn in list(self.connections):
             conn.close_when_idle()
+        if not await self._until_closed(timeout_s):
+            err = ShuttingDown(f"the sidecar is stopping and its drain_timeout_s ({timeout_s:g} s) ran out")
+            cut = sum(conn.cut(err) for conn in list(self.connections))
+            log.warning("drain_timeout_s (%g s) ran out: %d response(s) cut", timeout_s, cut)
+            await self._until_closed(CUT_FLUSH_S)  # the error events go out, then the connections close
+        for conn in list(self.connections):
+            conn.abort()
+
+    async def _until_closed(self, timeout_s: float) -> bool:
         deadline = self.loop.time() + timeout_s
         while self.connections and self.loop.time() < deadline:  # noqa: ASYNC110 - a bounded poll
             await asyncio.sleep(0.05)
-        for conn in list(self.connections):
-            conn.abort()
+        return not self.connections
 
 
 def _status_lines() -> dict[int, bytes]:

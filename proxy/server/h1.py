@@ -35,7 +35,7 @@ from proxy.errors import (
     sse_error_event,
 )
 from proxy.http import Headers, PipeableBody, Request, Response
-from proxy.server.driver import RequestDriver
+from proxy.server.driver import RequestDriver, error_response
 from proxy.server.front import status_line
 
 if TYPE_CHECKING:
@@ -90,6 +90,7 @@ class H1Connection(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None  # _serve, from the first request on
         self._job: Request | None = None  # the request for _serve to answer next
         self._current: Request | None = None  # the request _serve is answering
+        self._streaming: Request | None = None  # the request whose body is being written
         self._job_http11 = True  # whether its client speaks HTTP/1.1
         self._wake: asyncio.Future[None] | None = None  # _serve waits on it for the next job
         self._producer: PipeableBody | None = None  # the body being piped to us
@@ -211,19 +212,20 @@ class H1Connection(asyncio.Protocol):
         if producer is not None:
             self._producer = None
             producer.abort()
-        current = self._current
-        if current is not None:
-            current.ctx.disconnected = True
+        driver = self.driver
+        for request in (self._current, self._streaming, self._job):
+            if request is not None:
+                request.ctx.disconnected = True
+                driver.done(request)
+        self._streaming = None
         task = self._task
         if task is not None and not task.done():
             task.cancel()
-        job = self._job
-        if job is not None:
-            self._job = None
-            job.ctx.disconnected = True
+        self._job = None
         for item in self._queue:
             if isinstance(item, tuple):
                 item[0].ctx.disconnected = True
+                driver.done(item[0])
         self._queue.clear()
         if self._drain is not None and not self._drain.done():
             self._drain.set_exception(_Closed())
@@ -405,6 +407,7 @@ class H1Connection(asyncio.Protocol):
                 return  # the client went away; connection_lost has cleaned up
             except Exception:
                 log.exception("failed to answer %s %s; closing the connection", request.method, request.path)
+                self.driver.done(request)
                 self.abort()
                 return
             finally:
@@ -414,11 +417,14 @@ class H1Connection(asyncio.Protocol):
         response = await self.driver.respond(request)
         if self.closed:
             discard_body(response)
+            self.driver.done(request)
             return
         body = response.body
         if isinstance(body, bytes):
             self._write_whole(response, body, request, http11)
-        elif hasattr(body, "pipe"):  # a PipeableBody: an UpstreamBody, or a middleware's wrapper of one
+            return
+        self._streaming = request
+        if hasattr(body, "pipe"):  # a PipeableBody: an UpstreamBody, or a middleware's wrapper of one
             pipeable = cast(PipeableBody, body)
             self._cork = []
             self._write_head(response, request, getattr(body, "length", None), http11)
@@ -440,6 +446,8 @@ class H1Connection(asyncio.Protocol):
                 transport.write(head)
             else:
                 transport.write(head + body)
+        if request is not None:
+            self.driver.done(request)
         self._response_done()
 
     def _write_head(self, response: Response, request: Request, length: int | None, http11: bool) -> None:
@@ -500,7 +508,14 @@ class H1Connection(asyncio.Protocol):
         self._producer = None
         if self._chunked and self.transport is not None and not self.closed:
             self._send(b"0\r\n\r\n")
+        self._stream_done()
         self._response_done()
+
+    def _stream_done(self) -> None:
+        request = self._streaming
+        if request is not None:
+            self._streaming = None
+            self.driver.done(request)
 
     def _send(self, data: bytes) -> None:
         cork = self._cork
@@ -523,6 +538,7 @@ class H1Connection(asyncio.Protocol):
         self._producer = None
         if not isinstance(exc, ProxyError | asyncio.CancelledError):
             log.error("stream to %s failed: %r", self.peer, exc)
+        self._stream_done()
         self._keep_alive = False
         transport = self.transport
         if self._sse and not self.closed and transport and not isinstance(exc, asyncio.CancelledError):
@@ -613,6 +629,33 @@ class H1Connection(asyncio.Protocol):
             goaway = GoAwayFrame(0, last_stream_id=0, error_code=ErrorCodes.PROTOCOL_ERROR)
             transport.write(goaway.serialize())
             transport.close()
+
+    def cut(self, err: ProxyError) -> int:
+        """The drain ran out (see ClientConnection.cut)."""
+        if self.closed or self.transport is None:
+            return 0
+        task = self._task
+        if self._streaming is not None:  # a streamed answer under way: it ends as broken streams do
+            producer, self._producer = self._producer, None
+            if producer is not None:
+                producer.abort()
+            self.fail(err)
+        elif self._current is not None:  # still in the chain: answered with the error
+            request = self._current
+            request.ctx.disconnected = True  # (the driver lets the cancellation through)
+            if task is not None and not task.done():
+                task.cancel()
+            self._keep_alive = False
+            answer = error_response(err)
+            assert isinstance(answer.body, bytes)
+            self._write_whole(answer, answer.body, request, self._job_http11)
+        else:
+            self._close()
+            return 0
+        if task is not None and not task.done():
+            task.cancel()
+        self._close()
+        return 1
 
     def close_when_idle(self) -> None:
         self._close_after = True

@@ -46,7 +46,7 @@ from hpack.exceptions import HPACKError
 from hyperframe.frame import GoAwayFrame
 
 from proxy.config import Http2Config
-from proxy.errors import PayloadTooLarge, RequestTimeout
+from proxy.errors import PayloadTooLarge, ProxyError, RequestTimeout
 from proxy.h2.hpack_encoder import StaticEncoder
 from proxy.server.h2_decoder import FastDecoder
 from proxy.server.h2_guard import ENHANCE_YOUR_CALM, FrameGuard, Violation
@@ -363,6 +363,8 @@ class H2Connection(asyncio.Protocol):
             return
         if self.streams.pop(st.sid, None) is None:
             return
+        if st.request is not None:
+            self.front.driver.done(st.request)
         self.blocked.pop(st, None)
         if st.body_bytes:
             self._release_body(st)
@@ -409,6 +411,20 @@ class H2Connection(asyncio.Protocol):
             self.transport.write(GoAwayFrame(0, last_stream_id=last, error_code=0).serialize())
         if not self.streams:
             self._close()
+
+    def cut(self, err: ProxyError) -> int:
+        """The drain ran out (see ClientConnection.cut): every stream under way ends with ``err``."""
+        if self.closed or self.transport is None:
+            return 0
+        under_way = [st for st in self.streams.values() if st.in_flight]
+        self.in_batch = True  # one flush for all of them
+        try:
+            for st in under_way:
+                st.cut(err)
+        finally:
+            self.in_batch = False
+        self._close()
+        return len(under_way)
 
     def _die(self, violation: Violation | None) -> None:
         """Close for an error: GOAWAY (``violation``'s code, or the one h2 queued), then the socket."""

@@ -24,6 +24,7 @@ from h2.exceptions import ProtocolError, StreamClosedError
 from proxy.body import aclose_body, discard_body, is_event_stream
 from proxy.errors import ProxyError, sse_error_event
 from proxy.http import HOP_BY_HOP, Headers, PipeableBody, Request, Response
+from proxy.server.driver import error_response
 
 if TYPE_CHECKING:
     from proxy.server.h2 import H2Connection
@@ -60,6 +61,7 @@ class H2Stream:
         "sid",
         "sse",
         "stalled_at",
+        "streaming",
         "task",
     )
 
@@ -75,6 +77,7 @@ class H2Stream:
         self.deadline = INF  # the request body must be complete by then
         self.stalled_at = INF  # blocked by the client since a while: reset it then (send timeout)
         self.sse = False  # the response streaming out is SSE (a failure ends it with an error event)
+        self.streaming = False  # a streamed response's head went out: its body is under way
         self.request: Request | None = None
         self.request_done = False  # the client ended its side
         self.responding = False  # a response (or an error answer) is under way
@@ -109,6 +112,7 @@ class H2Stream:
                 pipeable = cast(PipeableBody, body)
                 length = getattr(body, "length", None)
                 self.sse = length is None and is_event_stream(response)  # (as the HTTP/1.1 front)
+                self.streaming = True
                 self.send_head(response, length)
                 if self.head_only or self.reset:
                     pipeable.abort()
@@ -120,6 +124,7 @@ class H2Stream:
             else:
                 length = getattr(body, "length", None)
                 self.sse = length is None and is_event_stream(response)
+                self.streaming = True
                 self.send_head(response, length)
                 await self._write_iter(body)
         except asyncio.CancelledError:
@@ -293,6 +298,25 @@ class H2Stream:
         conn.forget_if_done(self)
 
     # -- ending it early ---------------------------------------------------------------------------
+    def cut(self, err: ProxyError) -> None:
+        """The drain ran out: a streamed answer ends as broken streams do, one still in the chain is
+        answered with ``err``, a request still arriving is refused with it."""
+        task = self.task
+        if self.streaming:
+            producer, self.producer = self.producer, None
+            if producer is not None:
+                producer.abort()
+            self.fail(err)
+        elif self.request is not None:
+            self.request.ctx.disconnected = True  # (the driver lets the cancellation through)
+            if task is not None and not task.done():
+                task.cancel()
+            self.send_whole(error_response(err))
+        else:
+            self.answer_early(err)
+        if task is not None and not task.done():
+            task.cancel()
+
     def reset_by_us(self, error_code: int) -> None:
         """RST_STREAM with ``error_code`` (unless the stream is already reset), then cancel()."""
         if not self.reset and not self.conn.closed:
@@ -302,6 +326,8 @@ class H2Stream:
 
     def cancel(self) -> None:
         """Reset (by either side) or the connection is gone: stop the upstream work."""
+        if self.request is not None:
+            self.conn.front.driver.done(self.request)
         self.reset = True
         self.pending.clear()
         self.pending_bytes = 0

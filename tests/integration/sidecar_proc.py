@@ -22,6 +22,7 @@ from types import TracebackType
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _READY = re.compile(r"listening on https?://(\S+?):(\d+) ")
+_RELOADED = re.compile(r"config (reloaded) from|reload of \S+ (rejected)")
 
 
 def minimal_config(upstream_url: str, *, extra: str = "", upstream_extra: str = "") -> str:
@@ -91,6 +92,25 @@ class SidecarProcess:
                 proc.kill()
                 proc.wait()
         return proc.returncode
+
+    def reload(self, config_text: str, timeout: float = 10.0) -> bool:
+        """Write ``config_text`` over the config file, SIGHUP, wait for the sidecar to say how it
+        went: True when it reloaded, False when it rejected the file."""
+        assert self.proc is not None
+        seen = self._reload_outcomes()
+        self.config_path.write_text(config_text)
+        self.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while True:
+            outcomes = self._reload_outcomes()
+            if len(outcomes) > len(seen):
+                return outcomes[len(seen)] == "reloaded"
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no reload outcome in {timeout}s:\n{self.logs()[-3000:]}")
+            time.sleep(0.01)
+
+    def _reload_outcomes(self) -> list[str]:
+        return [a or b for a, b in _RELOADED.findall(self.logs())]
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

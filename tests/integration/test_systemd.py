@@ -217,3 +217,24 @@ def test_a_watchdog_meant_for_another_process_is_not_pinged(mock: MockProcess, t
             fake.wait_for(b"READY=1", timeout=10)
             time.sleep(0.5)  # five ping intervals
         assert b"WATCHDOG=1" not in fake.messages
+
+
+def test_a_reload_is_reloading_then_ready_even_when_the_file_is_rejected(
+    mock: MockProcess, tmp_path: Path
+) -> None:
+    with FakeNotifySocket(tmp_path / "notify") as fake:
+        config = minimal_config(mock.url)
+        with SidecarProcess(config, tmp_path, env={"NOTIFY_SOCKET": fake.address}) as sidecar:
+            fake.wait_for(b"READY=1", timeout=10)
+            before_us = time.monotonic_ns() // 1000
+            assert sidecar.reload(config)
+            (reloading,) = fake.wait_for(b"RELOADING=1", timeout=10)
+            fake.wait_for(b"READY=1", count=2, timeout=10)
+            assert not sidecar.reload("routes: [broken\n")
+            fake.wait_for(b"RELOADING=1", count=2, timeout=10)
+            fake.wait_for(b"READY=1", count=3, timeout=10)  # the old config serves on: ready again
+        lines = reloading.data.split(b"\n")
+        assert lines[1].startswith(b"MONOTONIC_USEC=")
+        assert int(lines[1].split(b"=")[1]) >= before_us  # CLOCK_MONOTONIC, as systemd reads it
+        order = [r.first_line for r in fake.received if r.first_line in (b"READY=1", b"RELOADING=1")]
+        assert order == [b"READY=1", b"RELOADING=1", b"READY=1", b"RELOADING=1", b"READY=1"]

@@ -381,12 +381,14 @@ async def run_case(
     for _ in range(2 * len(pieces) + 50):  # no I/O: every step is a loop iteration
         await asyncio.sleep(0)
         take()
-        if reader.seen.ended and not pool_check():
+        if reader.seen.ended and not pool_check() and not fronts.driver.current.in_flight:
             break
     if transport.closed:
         return "the front closed the client connection"
     if reader.seen.key() != expected(rec, front):
         return f"client saw {reader.seen.key()!r}, expected {expected(rec, front)!r}"
+    if fronts.driver.current.in_flight:  # every response that ended was counted as done
+        return f"{fronts.driver.current.in_flight} request(s) still counted in flight"
     return pool_check()
 
 
