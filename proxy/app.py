@@ -17,15 +17,17 @@ import logging
 import random
 import socket
 import ssl
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from functools import partial
 from typing import Any
 
 from proxy.access_log import AccessLog
+from proxy.admin import AdminServer
 from proxy.chain import Handler, compose
 from proxy.clock import Clock, MonotonicClock
-from proxy.config import Config
+from proxy.config import Config, RouteConfig
 from proxy.forward import Forwarder
+from proxy.metrics import BreakerView, Metrics, breaker_level, registry_for
 from proxy.registry import BuildContext
 from proxy.routing import Router
 from proxy.server.front import Front
@@ -38,7 +40,7 @@ from proxy.upstream.factory import make_upstream
 log = logging.getLogger("llm_sidecar")
 
 # Config sections read only at start: a reload that changes them says so and keeps them as they are.
-RESTART_ONLY = ("listen", "http2")
+RESTART_ONLY = ("listen", "http2", "admin")
 
 
 class ReloadError(Exception):
@@ -89,6 +91,14 @@ class App:
             self.front.h2_factory = partial(H2Connection, self.front, config.http2)
         self.server: asyncio.Server | None = None
         self.reloads = {"ok": 0, "failed": 0}  # read by the metrics
+        # Counted by the driver, rendered when /metrics is scraped; off with the admin listener.
+        self.metrics: Metrics | None = None
+        self.admin: AdminServer | None = None
+        if config.admin.enabled:
+            self.metrics = Metrics(self.clock, config.admin.duration_buckets_s)
+            self.metrics.routes = frozenset(self.build.router.models)
+            self.front.driver.metrics = self.metrics
+            self.admin = AdminServer(config.admin, registry_for(self.metrics, self), self)
         self._tasks: set[asyncio.Task[None]] = set()  # closing retired builds; stop() waits for them
         # Builds a reload replaced whose last response is not complete yet: (old, new, pools to close).
         self._retired: dict[int, tuple[Build, Build, list[Upstream]]] = {}
@@ -157,6 +167,8 @@ class App:
                 await pool.close()
             raise ReloadError(f"{type(e).__name__}: {e}") from e
         self.build = build
+        if self.metrics is not None:
+            self.metrics.routes = frozenset(build.router.models)
         self.front.limits = config.limits  # (new connections)
         self.front.driver.limits = config.limits
         retired = self.front.driver.swap(build.handler)
@@ -193,6 +205,28 @@ class App:
             start = getattr(mw, "start", None)
             if start is not None:
                 await start()
+        await self._start_admin()
+
+    async def _start_admin(self) -> None:
+        admin = self.admin
+        if admin is None:
+            return
+        try:
+            await admin.start()
+        except OSError as e:
+            # The proxy serves on: losing it for its metrics port would be the worse failure (and
+            # /readyz not answering already tells a probe). Several sidecars on one host (the
+            # default 127.0.0.1:9090) need an admin.address each, or admin.enabled: false.
+            log.error(
+                "admin listener: cannot listen on %s (%s); serving without /metrics and /readyz: "
+                "set admin.address (port 0: any free one) or admin.enabled: false",
+                self.config.admin.address,
+                e.strerror or e,
+            )
+            self.admin = None
+            return
+        token = ", token required" if self.config.admin.token else ""
+        log.info("admin listener on %s (/metrics, /healthz, /readyz%s)", admin.url, token)
 
     async def _listen(self) -> None:
         listen = self.config.listen
@@ -224,6 +258,33 @@ class App:
         host, port = sock.getsockname()[:2]
         return host, port
 
+    # -- what the metrics and readiness read (scrape time) ----------------------------------------
+    def in_flight(self) -> int:
+        return self.front.driver.in_flight()
+
+    def client_connections(self) -> int:
+        return len(self.front.connections)
+
+    def pools(self) -> Mapping[str, Upstream]:
+        return self.build.upstreams
+
+    def routes(self) -> tuple[RouteConfig, ...]:
+        return self.config.routes
+
+    def breakers(self) -> Mapping[str, BreakerView]:
+        """Each upstream's breaker, from the build's ``circuit_breaker`` middleware (the one most
+        open where several are configured); empty without one."""
+        found: dict[str, BreakerView] = {}
+        for mw in self.build.middleware:
+            breakers = getattr(mw, "breakers", None)
+            if not isinstance(breakers, dict):
+                continue
+            for name, breaker in breakers.items():
+                seen = found.get(name)
+                if seen is None or breaker_level(breaker) > breaker_level(seen):
+                    found[name] = breaker
+        return found
+
     def describe_routes(self) -> str:
         """Routes and chain, as the start-up and reload lines show them."""
         config = self.config
@@ -247,6 +308,8 @@ class App:
         """Stop listening, let what is in flight finish (up to ``drain_timeout_s``), close all."""
         if self.server is not None:
             self.server.close()
+        if self.admin is not None:
+            await self.admin.stop()
         await self.front.drain(self.config.drain_timeout_s if drain_s is None else drain_s)
         await asyncio.sleep(0)  # the aborted connections' connection_lost callbacks
         for key in list(self._retired):  # still busy at the end of the drain: closed all the same

@@ -229,6 +229,43 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    """The admin listener (aiohttp, off the hot path): /metrics, /healthz, /readyz."""
+
+    enabled: bool = opt(True, "serve the admin listener; off: no metrics are counted either")
+    address: str = opt(
+        "127.0.0.1:9090", "host:port of the admin listener, never the proxy's (port 0: a free one)"
+    )
+    token: str = opt(
+        "", "bearer token every admin path but /healthz requires (use ${ENV}); empty: none required"
+    )
+    duration_buckets_s: tuple[float, ...] = opt(
+        (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+        "upper bounds of gen_ai_client_operation_duration_seconds' buckets, increasing",
+        min_len=1,
+    )
+
+    def validate(self) -> list[tuple[str, str]]:
+        problems: list[tuple[str, str]] = []
+        try:
+            split_host_port(self.address)
+        except ValueError as e:
+            problems.append(("address", str(e)))
+        bounds = self.duration_buckets_s
+        if any(b <= 0 for b in bounds) or sorted(set(bounds)) != list(bounds):
+            problems.append(("duration_buckets_s", f"must be > 0 and increasing, got {list(bounds)}"))
+        return problems
+
+    @property
+    def host(self) -> str:
+        return split_host_port(self.address)[0]
+
+    @property
+    def port(self) -> int:
+        return split_host_port(self.address)[1]
+
+
+@dataclass(frozen=True)
 class Config:
     upstreams: dict[str, UpstreamConfig] = req("named backends", min_len=1)
     routes: tuple[RouteConfig, ...] = req("client model name → targets", min_len=1)
@@ -240,6 +277,7 @@ class Config:
     )
     middleware: tuple[MiddlewareEntry, ...] = opt((), "the chain, in order")
     log: LogConfig = opt(LogConfig(), "logging")
+    admin: AdminConfig = opt(AdminConfig(), "the admin listener: metrics, health, readiness")
     drain_timeout_s: float = opt(
         30.0, "on SIGTERM/SIGINT: how long in-flight requests and streams may take to finish", min=0.0
     )
@@ -268,6 +306,14 @@ class Config:
                     problems.append(
                         (f"routes[{i}].fallbacks[{j}]", f"unknown route {name!r}; known: {', '.join(seen)}")
                     )
+        if self.admin.enabled and _same_socket(self.admin.address, self.listen.address):
+            problems.append(
+                (
+                    "admin.address",
+                    f"{self.admin.address!r} is where the proxy listens (listen.address): the admin "
+                    "listener needs a port of its own",
+                )
+            )
         if self.default_upstream is not None and self.default_upstream not in self.upstreams:
             known = ", ".join(sorted(self.upstreams))
             problems.append(
@@ -292,6 +338,16 @@ def _strerror(path: str) -> str:
             return ""
     except OSError as e:
         return e.strerror or str(e)
+
+
+def _same_socket(a: str, b: str) -> bool:
+    """Would listeners on ``a`` and ``b`` (host:port) collide? Port 0 never does (each gets its own)."""
+    try:
+        (host_a, port_a), (host_b, port_b) = split_host_port(a), split_host_port(b)
+    except ValueError:
+        return False  # reported on its own key
+    wildcard = ("", "0.0.0.0", "::")
+    return port_a == port_b != 0 and (host_a == host_b or host_a in wildcard or host_b in wildcard)
 
 
 def split_host_port(address: str) -> tuple[str, int]:

@@ -23,6 +23,7 @@ from proxy.clock import Clock
 from proxy.config import LimitsConfig
 from proxy.errors import HeadersTooLarge, PayloadTooLarge, ProxyError, error_body, internal_error
 from proxy.http import Headers, Request, RequestContext, Response
+from proxy.metrics import CLIENT_CLOSED, Metrics
 
 log = logging.getLogger("llm_sidecar.front")
 
@@ -63,8 +64,10 @@ class Generation:
 class RequestDriver:
     def __init__(self, handler: Handler, limits: LimitsConfig, clock: Clock) -> None:
         self.current = Generation(handler)
+        self.retiring: list[Generation] = []  # replaced by a reload, maybe still serving (in_flight)
         self.limits = limits
         self.clock = clock
+        self.metrics: Metrics | None = None  # set by App when metrics are on (admin.enabled)
         self._rid_prefix = os.urandom(6).hex().encode() + b"-"
         self._rid_counter = 0
         # Answered before the chain, to GET and HEAD: liveness for systemd/k8s probes.
@@ -108,6 +111,9 @@ class RequestDriver:
         build = ctx.build
         if build is not None:
             ctx.build = None
+            metrics = self.metrics
+            if metrics is not None:
+                metrics.done(request)
             build.in_flight -= 1
             if not build.in_flight and build.on_idle is not None:
                 build._idle()
@@ -115,7 +121,14 @@ class RequestDriver:
     def swap(self, handler: Handler) -> Generation:
         """Make ``handler`` serve new requests (reload); returns the generation it replaced."""
         old, self.current = self.current, Generation(handler)
+        self.retiring = [g for g in self.retiring if g.in_flight]
+        self.retiring.append(old)
         return old
+
+    def in_flight(self) -> int:
+        """Requests received whose response is not complete, on every generation (scrape time)."""
+        self.retiring = [g for g in self.retiring if g.in_flight]
+        return self.current.in_flight + sum(g.in_flight for g in self.retiring)
 
     def local_answer(self, request: Request) -> Response | None:
         """What the sidecar answers itself, without the chain (None: the chain answers)."""
@@ -131,19 +144,25 @@ class RequestDriver:
         build = request.ctx.build  # the generation it started on (None: already done, gone)
         handler = build.handler if build is not None else self.current.handler
         try:
-            return await handler(request)
+            response = await handler(request)
         except ProxyError as e:
-            return error_response(e)
+            response = error_response(e)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if request.ctx.disconnected or (task is not None and task.cancelling()):
+                if self.metrics is not None:
+                    self.metrics.answered(request, CLIENT_CLOSED)
                 raise
             # raised inside the chain (a bug), the client still there: an error, not silence
             log.error("request %s %s was cancelled inside the chain", request.method, request.path)
-            return error_response(internal_error())
+            response = error_response(internal_error())
         except Exception:
             log.exception("unhandled error for %s %s", request.method, request.path)
-            return error_response(internal_error())
+            response = error_response(internal_error())
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.answered(request, response.status)
+        return response
 
     def early_error(self, err: ProxyError, client_rid: bytes | None) -> Response:
         """The answer to a request refused before it was complete: with a request id too."""

@@ -1,0 +1,171 @@
+"""The admin listener through the real sidecar: /metrics parsed with prometheus_client's parser
+(request counts equal the requests made), /readyz turning 503 when the only upstream's breaker
+opens and 200 again after open_s, the bearer token, and a port of its own."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.mock_proc import MockProcess
+from tests.integration.sidecar_proc import SidecarProcess, minimal_config
+
+MESSAGES: list[openai.types.chat.ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
+ADMIN = 'admin: {address: "127.0.0.1:0"}\n'
+_ADMIN_LINE = re.compile(r"admin listener on http://127\.0\.0\.1:(\d+) ")
+
+
+def admin_url(sidecar: SidecarProcess) -> str:
+    deadline = time.monotonic() + 5
+    while (match := _ADMIN_LINE.search(sidecar.logs())) is None:
+        assert time.monotonic() < deadline, sidecar.logs()
+        time.sleep(0.01)
+    return f"http://127.0.0.1:{match.group(1)}"
+
+
+def scrape(
+    url: str, headers: dict[str, str] | None = None
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """/metrics as {(sample name, sorted labels): value}."""
+    response = httpx.get(url + "/metrics", headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def labels(**kv: str) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(kv.items()))
+
+
+def test_metrics_count_the_requests_made(mock: MockProcess, tmp_path: Path) -> None:
+    with SidecarProcess(minimal_config(mock.url, extra=ADMIN), tmp_path) as sidecar:
+        url = admin_url(sidecar)
+        assert url != sidecar.url  # a port of its own
+        client = OpenAI(base_url=sidecar.base_url, api_key="x", max_retries=0)
+        for _ in range(5):
+            client.chat.completions.create(model="demo-model", messages=MESSAGES)
+        stream = client.chat.completions.create(model="demo-model", messages=MESSAGES, stream=True)
+        assert sum(1 for _ in stream) > 0
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="no-such-model", messages=MESSAGES)
+        assert httpx.get(sidecar.url + "/healthz").status_code == 200  # answered by the sidecar: not counted
+
+        m = scrape(url)
+        ok = labels(route="demo-model", upstream="mock", status="200")
+        assert m[("llm_sidecar_requests_total", ok)] == 6
+        # An unknown model is not a route: counted with its status, under route "" (bounded labels).
+        not_found = labels(route="", upstream="", status="404")
+        assert m[("llm_sidecar_requests_total", not_found)] == 1
+        assert m[("gen_ai_client_operation_duration_seconds_count", ok)] == 6
+        assert m[("gen_ai_client_operation_duration_seconds_count", not_found)] == 1
+        assert m[("gen_ai_client_operation_duration_seconds_bucket", labels(**dict(ok), le="+Inf"))] == 6
+        assert m[("gen_ai_client_operation_duration_seconds_sum", ok)] > 0
+        buckets = [
+            v for (name, ls), v in m.items() if name.endswith("_bucket") and dict(ls)["status"] == "200"
+        ]
+        assert len(buckets) == 8  # the default 7 bounds and +Inf
+        assert m[("llm_sidecar_requests_in_flight", ())] == 0
+        assert m[("llm_sidecar_config_reloads_total", labels(result="ok"))] == 0
+        assert m[("llm_sidecar_upstream_connections", labels(upstream="mock", state="idle"))] >= 1
+        assert m[("llm_sidecar_upstream_connections", labels(upstream="mock", state="busy"))] == 0
+        assert m[("llm_sidecar_upstream_waiting_requests", labels(upstream="mock"))] == 0
+        assert m[("llm_sidecar_client_connections", ())] >= 0
+        assert not any(name == "llm_sidecar_breaker_state" for name, _ in m)  # no breaker configured
+
+        # A reload is counted, and the counts carry on.
+        assert sidecar.reload(minimal_config(mock.url, extra=ADMIN))
+        client.chat.completions.create(model="demo-model", messages=MESSAGES)
+        m = scrape(url)
+        assert m[("llm_sidecar_config_reloads_total", labels(result="ok"))] == 1
+        assert m[("llm_sidecar_requests_total", ok)] == 7
+        # The proxy's port does not serve the admin paths.
+        assert httpx.get(sidecar.url + "/metrics").status_code == 404
+
+
+def test_readyz_turns_503_when_the_only_breaker_opens_and_back(mock: MockProcess, tmp_path: Path) -> None:
+    breaker = "middleware:\n  - {type: circuit_breaker, consecutive_failures: 2, open_s: 2}\n"
+    with SidecarProcess(minimal_config(mock.url, extra=ADMIN + breaker), tmp_path) as sidecar:
+        url = admin_url(sidecar)
+        ready = httpx.get(url + "/readyz")
+        assert (ready.status_code, ready.json()) == (200, {"ready": True})
+        client = OpenAI(base_url=sidecar.base_url, api_key="x", max_retries=0)
+        for _ in range(2):
+            with pytest.raises(openai.InternalServerError):
+                client.chat.completions.create(
+                    model="demo-model", messages=MESSAGES, extra_headers={"x-mock-status": "500"}
+                )
+        opened = time.monotonic()
+        ready = httpx.get(url + "/readyz")
+        assert ready.status_code == 503
+        assert ready.json() == {
+            "ready": False,
+            "problems": ["route demo-model: no target available (breaker of upstream mock open)"],
+        }
+        m = scrape(url)
+        assert m[("llm_sidecar_breaker_state", labels(upstream="mock"))] == 2
+        assert (
+            m[("llm_sidecar_requests_total", labels(route="demo-model", upstream="mock", status="500"))] == 2
+        )
+
+        while time.monotonic() < opened + 2.5:  # open_s later, the next call would be a probe
+            time.sleep(0.1)
+        ready = httpx.get(url + "/readyz")
+        assert (ready.status_code, ready.json()) == (200, {"ready": True})
+        assert scrape(url)[("llm_sidecar_breaker_state", labels(upstream="mock"))] == 1
+        client.chat.completions.create(model="demo-model", messages=MESSAGES)  # a probe that succeeds
+
+
+def test_the_token_guards_all_but_healthz(mock: MockProcess, tmp_path: Path) -> None:
+    admin = 'admin: {address: "127.0.0.1:0", token: "${ADMIN_TOKEN}"}\n'
+    env = {"ADMIN_TOKEN": "s3cret-admin"}
+    with SidecarProcess(minimal_config(mock.url, extra=admin), tmp_path, env=env) as sidecar:
+        url = admin_url(sidecar)
+        good = {"Authorization": "Bearer s3cret-admin"}
+        for path in ("/metrics", "/readyz"):
+            assert httpx.get(url + path).status_code == 401
+            assert httpx.get(url + path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+            assert httpx.get(url + path, headers=good).status_code == 200
+        health = httpx.get(url + "/healthz")
+        assert (health.status_code, health.json()) == (200, {"status": "ok"})
+        assert "s3cret-admin" not in sidecar.logs()
+
+
+def test_admin_off_serves_no_admin_port(mock: MockProcess, tmp_path: Path) -> None:
+    config = minimal_config(mock.url, extra="admin: {enabled: false}\n")
+    with SidecarProcess(config, tmp_path) as sidecar:
+        client = OpenAI(base_url=sidecar.base_url, api_key="x", max_retries=0)
+        client.chat.completions.create(model="demo-model", messages=MESSAGES)
+        assert "admin listener" not in sidecar.logs()
+        assert httpx.get(sidecar.url + "/healthz").status_code == 200
+
+
+def test_an_admin_port_taken_leaves_the_proxy_serving(mock: MockProcess, tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    with SidecarProcess(minimal_config(mock.url, extra=ADMIN), tmp_path / "a") as first:
+        taken = admin_url(first).rsplit(":", 1)[1]
+        config = minimal_config(mock.url, extra=f'admin: {{address: "127.0.0.1:{taken}"}}\n')
+        (tmp_path / "b").mkdir()
+        with SidecarProcess(config, tmp_path / "b") as second:
+            client = OpenAI(base_url=second.base_url, api_key="x", max_retries=0)
+            client.chat.completions.create(model="demo-model", messages=MESSAGES)
+            assert f"admin listener: cannot listen on 127.0.0.1:{taken}" in second.logs()
+
+
+def test_the_admin_address_cannot_be_the_listen_address(mock: MockProcess, tmp_path: Path) -> None:
+    config = minimal_config(mock.url, extra='admin: {address: "127.0.0.1:18080"}\n').replace(
+        '"127.0.0.1:0"', '"127.0.0.1:18080"', 1
+    )
+    with pytest.raises(RuntimeError) as info:
+        SidecarProcess(config, tmp_path).start()
+    assert "admin.address: '127.0.0.1:18080' is where the proxy listens (listen.address)" in str(info.value)
