@@ -91,16 +91,31 @@ class Metrics:
     def answered(self, request: Request, status: int) -> None:
         """The chain answered ``status``; counted when the response is complete (:meth:`done`),
         or now when it already is (the client left before the chain answered)."""
-        if request.ctx.build is None:  # done() came first
-            self.observe(self.key(request, status), self.clock.now() - request.ctx.started)
+        ctx = request.ctx
+        read = request.model_read
+        target = ctx.target
+        if read is None or ctx.build is None or target is None:  # the rarer paths
+            key = self.key(request, status)
+            if ctx.build is None:  # done() came first
+                self.observe(key, self.clock.now() - ctx.started)
+                return
         else:
-            self._answered[request] = self.key(request, status)
+            model = read[1][0]
+            key = (model if model in self.routes else "", target.upstream, status)
+        self._answered[request] = key
 
     def done(self, request: Request) -> None:
         """The response is complete (the driver calls this once per request)."""
         key = self._answered.pop(request, None)
-        if key is not None:  # None: answered by the sidecar itself (/healthz), or not yet by the chain
-            self.observe(key, self.clock.now() - request.ctx.started)
+        if key is None:  # answered by the sidecar itself (/healthz), or not yet by the chain
+            return
+        duration = self.clock.now() - request.ctx.started
+        series = self.series.get(key)
+        if series is None:
+            series = self.series[key] = Series(len(self.bounds))
+        series.count += 1
+        series.sum += duration
+        series.buckets[bisect_left(self.bounds, duration)] += 1
 
     def observe(self, key: Key, duration: float) -> None:
         series = self.series.get(key)

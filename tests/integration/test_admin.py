@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import httpx
+import httpx2
 import openai
 import pytest
 from openai import OpenAI
@@ -169,3 +170,41 @@ def test_the_admin_address_cannot_be_the_listen_address(mock: MockProcess, tmp_p
     with pytest.raises(RuntimeError) as info:
         SidecarProcess(config, tmp_path).start()
     assert "admin.address: '127.0.0.1:18080' is where the proxy listens (listen.address)" in str(info.value)
+
+
+def test_http2_requests_are_counted_alike(mock: MockProcess, tmp_path: Path) -> None:
+    with SidecarProcess(minimal_config(mock.url, extra=ADMIN), tmp_path) as sidecar:
+        url = admin_url(sidecar)
+        http = httpx2.Client(http1=False, http2=True, timeout=10)  # h2c with prior knowledge
+        with OpenAI(base_url=sidecar.base_url, api_key="x", max_retries=0, http_client=http) as client:
+            for _ in range(3):
+                client.chat.completions.create(model="demo-model", messages=MESSAGES)
+                assert sum(
+                    1
+                    for _ in client.chat.completions.create(
+                        model="demo-model", messages=MESSAGES, stream=True
+                    )
+                )
+            assert http.get(sidecar.url + "/healthz").http_version == "HTTP/2"
+            m = scrape(url)
+            ok = labels(route="demo-model", upstream="mock", status="200")
+            assert m[("llm_sidecar_requests_total", ok)] == 6
+            assert m[("gen_ai_client_operation_duration_seconds_count", ok)] == 6
+            assert m[("llm_sidecar_requests_in_flight", ())] == 0
+            assert m[("llm_sidecar_client_connections", ())] == 1  # the one HTTP/2 connection, still open
+
+
+def test_a_stream_is_timed_to_its_end(mock: MockProcess, tmp_path: Path) -> None:
+    with SidecarProcess(minimal_config(mock.url, extra=ADMIN), tmp_path) as sidecar:
+        url = admin_url(sidecar)
+        client = OpenAI(base_url=sidecar.base_url, api_key="x", max_retries=0)
+        slow = {"x-mock-chunks": "4", "x-mock-delay-ms": "100"}  # the head at once, the end ≥ 0.3 s later
+        stream = client.chat.completions.create(
+            model="demo-model", messages=MESSAGES, stream=True, extra_headers=slow
+        )
+        assert sum(1 for _ in stream) >= 4
+        m = scrape(url)
+        ok = labels(route="demo-model", upstream="mock", status="200")
+        assert m[("gen_ai_client_operation_duration_seconds_sum", ok)] >= 0.3
+        assert m[("gen_ai_client_operation_duration_seconds_bucket", labels(**dict(ok), le="0.25"))] == 0
+        assert m[("gen_ai_client_operation_duration_seconds_bucket", labels(**dict(ok), le="2.5"))] == 1
