@@ -35,13 +35,18 @@ class Serving(Protocol):
 
     def breakers(self) -> Mapping[str, BreakerView]: ...
 
+    def stopping(self) -> bool: ...
+
 
 def problems(serving: Serving) -> list[str]:
     """What keeps the sidecar from being ready: each route needs a target (of weight > 0, its own or
-    a fallback route's) whose upstream's breaker is not open. No breaker configured: none is open."""
+    a fallback route's) whose upstream's breaker is not open. No breaker configured: none is open.
+    A sidecar that is stopping (draining) is not ready: new work should go elsewhere."""
     breakers = serving.breakers()
     routes = {r.model: r for r in serving.routes()}
     found: list[str] = []
+    if serving.stopping():
+        found.append("stopping: finishing the requests in flight, taking no new connections")
     for route in routes.values():
         chain = [route, *(routes[f] for f in route.fallbacks if f in routes)]
         closed, opened = False, []

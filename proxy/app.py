@@ -271,6 +271,9 @@ class App:
     def routes(self) -> tuple[RouteConfig, ...]:
         return self.config.routes
 
+    def stopping(self) -> bool:
+        return self.front.shutting_down
+
     def breakers(self) -> Mapping[str, BreakerView]:
         """Each upstream's breaker, from the build's ``circuit_breaker`` middleware (the one most
         open where several are configured); empty without one."""
@@ -308,9 +311,10 @@ class App:
         """Stop listening, let what is in flight finish (up to ``drain_timeout_s``), close all."""
         if self.server is not None:
             self.server.close()
+        # The admin listener stays up through the drain: /readyz says "stopping", /metrics shows it.
+        await self.front.drain(self.config.drain_timeout_s if drain_s is None else drain_s)
         if self.admin is not None:
             await self.admin.stop()
-        await self.front.drain(self.config.drain_timeout_s if drain_s is None else drain_s)
         await asyncio.sleep(0)  # the aborted connections' connection_lost callbacks
         for key in list(self._retired):  # still busy at the end of the drain: closed all the same
             self._spawn_close(key)

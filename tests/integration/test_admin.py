@@ -5,6 +5,7 @@ opens and 200 again after open_s, the bearer token, and a port of its own."""
 from __future__ import annotations
 
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -208,3 +209,29 @@ def test_a_stream_is_timed_to_its_end(mock: MockProcess, tmp_path: Path) -> None
         assert m[("gen_ai_client_operation_duration_seconds_sum", ok)] >= 0.3
         assert m[("gen_ai_client_operation_duration_seconds_bucket", labels(**dict(ok), le="0.25"))] == 0
         assert m[("gen_ai_client_operation_duration_seconds_bucket", labels(**dict(ok), le="2.5"))] == 1
+
+
+def test_readyz_says_stopping_while_the_sidecar_drains(mock: MockProcess, tmp_path: Path) -> None:
+    with SidecarProcess(minimal_config(mock.url, extra=ADMIN), tmp_path) as sidecar:
+        url = admin_url(sidecar)
+        client = OpenAI(base_url=sidecar.base_url, api_key="x", max_retries=0)
+        long = {"x-mock-chunks": "20", "x-mock-delay-ms": "100"}  # ~2 s of stream
+        stream = client.chat.completions.create(
+            model="demo-model", messages=MESSAGES, stream=True, extra_headers=long
+        )
+        chunks = iter(stream)
+        next(chunks)
+        assert sidecar.proc is not None
+        sidecar.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while "stopping: finishing" not in sidecar.logs():
+            assert time.monotonic() < deadline, sidecar.logs()
+            time.sleep(0.01)
+        ready = httpx.get(url + "/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["problems"] == [
+            "stopping: finishing the requests in flight, taking no new connections"
+        ]
+        assert scrape(url)[("llm_sidecar_requests_in_flight", ())] == 1
+        assert sum(1 for _ in chunks) > 0  # the stream still completes
+        assert sidecar.proc.wait(10) == 0

@@ -197,12 +197,16 @@ class Serving:
     def __init__(self, routes: tuple[RouteConfig, ...], breakers: Mapping[str, BreakerView]) -> None:
         self._routes = routes
         self._breakers = breakers
+        self.draining = False
 
     def routes(self) -> tuple[RouteConfig, ...]:
         return self._routes
 
     def breakers(self) -> Mapping[str, BreakerView]:
         return self._breakers
+
+    def stopping(self) -> bool:
+        return self.draining
 
 
 def route(model: str, *upstreams: str, fallbacks: tuple[str, ...] = ()) -> RouteConfig:
@@ -233,3 +237,9 @@ def test_readiness_names_each_route_left_without_a_target() -> None:
     assert problems(Serving(routes, opened)) == [
         "route four: no target available (breaker of upstream c open)"
     ]
+
+
+def test_a_stopping_sidecar_is_not_ready() -> None:
+    serving = Serving((route("one", "a"),), {})
+    serving.draining = True
+    assert problems(serving) == ["stopping: finishing the requests in flight, taking no new connections"]
