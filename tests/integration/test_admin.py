@@ -235,3 +235,12 @@ def test_readyz_says_stopping_while_the_sidecar_drains(mock: MockProcess, tmp_pa
         assert scrape(url)[("llm_sidecar_requests_in_flight", ())] == 1
         assert sum(1 for _ in chunks) > 0  # the stream still completes
         assert sidecar.proc.wait(10) == 0
+
+
+def test_a_reload_that_changes_admin_says_it_takes_a_restart(mock: MockProcess, tmp_path: Path) -> None:
+    with SidecarProcess(minimal_config(mock.url, extra=ADMIN), tmp_path) as sidecar:
+        url = admin_url(sidecar)
+        changed = 'admin: {address: "127.0.0.1:0", token: "new"}\n'
+        assert sidecar.reload(minimal_config(mock.url, extra=changed))
+        assert "admin: changed, but it takes a restart; still as before" in sidecar.logs()
+        assert httpx.get(url + "/metrics").status_code == 200  # no token yet: as before
