@@ -72,6 +72,7 @@ class Metrics:
         self.series: dict[Key, Series] = {}
         self.routes: frozenset[str] = frozenset()  # the configured routes (App sets it per build)
         self._answered: dict[Request, Key] = {}  # answered by the chain, response not complete yet
+        self.refused: dict[int, int] = {}  # status → requests the front refused before they were complete
 
     # -- the hot path ----------------------------------------------------------------------------
     def key(self, request: Request, status: int) -> Key:
@@ -116,6 +117,10 @@ class Metrics:
         series.count += 1
         series.sum += duration
         series.buckets[bisect_left(self.bounds, duration)] += 1
+
+    def refuse(self, status: int) -> None:
+        """The front refused a request before it was complete (413, 431, 408, 400): no route yet."""
+        self.refused[status] = self.refused.get(status, 0) + 1
 
     def observe(self, key: Key, duration: float) -> None:
         series = self.series.get(key)
@@ -188,6 +193,14 @@ class SidecarCollector(Collector):
             duration.add_metric(values, cumulative, series.sum)
         yield requests
         yield duration
+        refused = CounterMetricFamily(
+            "llm_sidecar_requests_refused",
+            "Requests the front refused before they were complete (malformed, too large, slow), by status",
+            labels=["status"],
+        )
+        for status, n in list(metrics.refused.items()):
+            refused.add_metric([str(status)], n)
+        yield refused
         yield GaugeMetricFamily(
             "llm_sidecar_requests_in_flight",
             "Requests received whose response is not complete",

@@ -168,6 +168,8 @@ class RequestDriver:
         """The answer to a request refused before it was complete: with a request id too."""
         response = error_response(err)
         response.headers.append((b"x-request-id", self.request_id(client_rid)))
+        if self.metrics is not None:
+            self.metrics.refuse(err.status)
         return response
 
     def too_large(self) -> PayloadTooLarge:

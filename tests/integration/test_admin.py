@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -244,3 +245,14 @@ def test_a_reload_that_changes_admin_says_it_takes_a_restart(mock: MockProcess, 
         assert sidecar.reload(minimal_config(mock.url, extra=changed))
         assert "admin: changed, but it takes a restart; still as before" in sidecar.logs()
         assert httpx.get(url + "/metrics").status_code == 200  # no token yet: as before
+
+
+def test_a_request_refused_by_the_front_is_counted(mock: MockProcess, tmp_path: Path) -> None:
+    config = minimal_config(mock.url, extra=ADMIN + "limits: {max_body_bytes: 1000}\n")
+    with SidecarProcess(config, tmp_path) as sidecar:
+        url = admin_url(sidecar)
+        with socket.create_connection((sidecar.host, sidecar.port), timeout=5) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 5000\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 413 ")
+        m = scrape(url)
+        assert m[("llm_sidecar_requests_refused_total", labels(status="413"))] == 1

@@ -243,3 +243,14 @@ def test_a_stopping_sidecar_is_not_ready() -> None:
     serving = Serving((route("one", "a"),), {})
     serving.draining = True
     assert problems(serving) == ["stopping: finishing the requests in flight, taking no new connections"]
+
+
+def test_requests_the_front_refused_are_counted_by_status() -> None:
+    driver, metrics, observed = make(FakeClock())
+    driver.early_error(driver.too_large(), None)
+    driver.early_error(driver.too_large(), b"rid")
+    driver.early_error(driver.headers_too_large(), None)
+    m = scrape(metrics, observed)
+    assert m[("llm_sidecar_requests_refused_total", labels(status="413"))] == 2
+    assert m[("llm_sidecar_requests_refused_total", labels(status="431"))] == 1
+    assert not any(name == "llm_sidecar_requests_total" for name, _ in m)  # no route, no duration
