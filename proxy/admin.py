@@ -37,11 +37,14 @@ class Serving(Protocol):
 
     def stopping(self) -> bool: ...
 
+    def middleware_problems(self) -> list[str]: ...
+
 
 def problems(serving: Serving) -> list[str]:
     """What keeps the sidecar from being ready: each route needs a target (of weight > 0, its own or
     a fallback route's) whose upstream's breaker is not open. No breaker configured: none is open.
-    A sidecar that is stopping (draining) is not ready: new work should go elsewhere."""
+    A sidecar that is stopping (draining) is not ready: new work should go elsewhere. A middleware
+    with a ``readiness() -> list[str]`` method adds what it finds (e.g. a Redis not answering)."""
     breakers = serving.breakers()
     routes = {r.model: r for r in serving.routes()}
     found: list[str] = []
@@ -62,6 +65,7 @@ def problems(serving: Serving) -> list[str]:
         if not closed:
             names = ", ".join(dict.fromkeys(opened))
             found.append(f"route {route.model}: no target available (breaker of upstream {names} open)")
+    found.extend(serving.middleware_problems())
     return found
 
 

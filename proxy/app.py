@@ -274,6 +274,21 @@ class App:
     def stopping(self) -> bool:
         return self.front.shutting_down
 
+    def middleware_problems(self) -> list[str]:
+        """What the build's middleware with a ``readiness() -> list[str]`` say keeps them from serving
+        (the seam for "every Redis the config needs answered recently")."""
+        found: list[str] = []
+        for entry, mw in zip(self.config.middleware, self.build.middleware, strict=True):
+            readiness = getattr(mw, "readiness", None)
+            if readiness is None:
+                continue
+            try:
+                found.extend(f"middleware {entry.type}: {p}" for p in readiness())
+            except Exception as e:
+                log.exception("readiness of middleware %s failed", entry.type)
+                found.append(f"middleware {entry.type}: its readiness check failed ({type(e).__name__}: {e})")
+        return found
+
     def breakers(self) -> Mapping[str, BreakerView]:
         """Each upstream's breaker, from the build's ``circuit_breaker`` middleware (the one most
         open where several are configured); empty without one."""

@@ -256,3 +256,18 @@ def test_a_request_refused_by_the_front_is_counted(mock: MockProcess, tmp_path: 
             assert sock.recv(65536).startswith(b"HTTP/1.1 413 ")
         m = scrape(url)
         assert m[("llm_sidecar_requests_refused_total", labels(status="413"))] == 1
+
+
+def test_readyz_names_what_a_middleware_reports(mock: MockProcess, tmp_path: Path) -> None:
+    flag = tmp_path / "not-ready"
+    mw = f'middleware:\n  - {{type: "tests.integration.ready_middleware:FlagFile", flag: "{flag}"}}\n'
+    with SidecarProcess(minimal_config(mock.url, extra=ADMIN + mw), tmp_path) as sidecar:
+        url = admin_url(sidecar)
+        assert httpx.get(url + "/readyz").status_code == 200
+        flag.write_text("Redis at 127.0.0.1:1 has not answered for 12 s\n")
+        ready = httpx.get(url + "/readyz")
+        assert ready.status_code == 503
+        where = "middleware tests.integration.ready_middleware:FlagFile"
+        assert ready.json()["problems"] == [f"{where}: Redis at 127.0.0.1:1 has not answered for 12 s"]
+        flag.unlink()
+        assert httpx.get(url + "/readyz").status_code == 200

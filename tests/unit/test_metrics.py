@@ -198,6 +198,7 @@ class Serving:
         self._routes = routes
         self._breakers = breakers
         self.draining = False
+        self.reported: list[str] = []
 
     def routes(self) -> tuple[RouteConfig, ...]:
         return self._routes
@@ -207,6 +208,9 @@ class Serving:
 
     def stopping(self) -> bool:
         return self.draining
+
+    def middleware_problems(self) -> list[str]:
+        return self.reported
 
 
 def route(model: str, *upstreams: str, fallbacks: tuple[str, ...] = ()) -> RouteConfig:
@@ -254,3 +258,12 @@ def test_requests_the_front_refused_are_counted_by_status() -> None:
     assert m[("llm_sidecar_requests_refused_total", labels(status="413"))] == 2
     assert m[("llm_sidecar_requests_refused_total", labels(status="431"))] == 1
     assert not any(name == "llm_sidecar_requests_total" for name, _ in m)  # no route, no duration
+
+
+def test_readiness_adds_what_middleware_report() -> None:
+    serving = Serving((route("one", "a"),), {"a": Breaker("open", 1.0)})
+    serving.reported = ["middleware rate_limit: Redis at 127.0.0.1:6379 has not answered for 12 s"]
+    assert problems(serving) == [
+        "route one: no target available (breaker of upstream a open)",
+        "middleware rate_limit: Redis at 127.0.0.1:6379 has not answered for 12 s",
+    ]
