@@ -271,3 +271,17 @@ def test_readyz_names_what_a_middleware_reports(mock: MockProcess, tmp_path: Pat
         assert ready.json()["problems"] == [f"{where}: Redis at 127.0.0.1:1 has not answered for 12 s"]
         flag.unlink()
         assert httpx.get(url + "/readyz").status_code == 200
+
+
+def test_a_route_added_by_a_reload_is_labelled_with_its_name(mock: MockProcess, tmp_path: Path) -> None:
+    with SidecarProcess(minimal_config(mock.url, extra=ADMIN), tmp_path) as sidecar:
+        url = admin_url(sidecar)
+        client = OpenAI(base_url=sidecar.base_url, api_key="x", max_retries=0)
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="added", messages=MESSAGES)
+        added = "  - {model: added, targets: [{upstream: mock, model: added-v1}]}\n"
+        assert sidecar.reload(minimal_config(mock.url, extra=added + ADMIN))
+        client.chat.completions.create(model="added", messages=MESSAGES)
+        m = scrape(url)
+        assert m[("llm_sidecar_requests_total", labels(route="", upstream="", status="404"))] == 1
+        assert m[("llm_sidecar_requests_total", labels(route="added", upstream="mock", status="200"))] == 1
