@@ -138,30 +138,53 @@ class RequestDriver:
                 return Response(200, Headers([(b"content-type", b"application/json")]), body)
         return None
 
+    # A front runs the chain as ``respond`` does, inlined (a coroutine frame less per request):
+    #     try:
+    #         response = await driver.chain(request)(request)
+    #     except BaseException as e:
+    #         response = driver.failed(request, e)  # re-raises the client leaving
+    #     else:
+    #         driver.answered(request, response)
     async def respond(self, request: Request) -> Response:
         """Run the chain; every failure becomes an answer, except the client leaving (the front
         cancelled the task), which propagates as CancelledError."""
-        build = request.ctx.build  # the generation it started on (None: already done, gone)
-        handler = build.handler if build is not None else self.current.handler
         try:
-            response = await handler(request)
-        except ProxyError as e:
-            response = error_response(e)
-        except asyncio.CancelledError:
+            response = await self.chain(request)(request)
+        except BaseException as e:
+            return self.failed(request, e)
+        self.answered(request, response)
+        return response
+
+    def chain(self, request: Request) -> Handler:
+        """The chain of the generation the request started on."""
+        build = request.ctx.build  # (None: already done, the client gone)
+        return build.handler if build is not None else self.current.handler
+
+    def answered(self, request: Request, response: Response) -> None:
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.answered(request, response.status)
+
+    def failed(self, request: Request, exc: BaseException) -> Response:
+        """The one mapping of what the chain raised to what the client gets. The client leaving
+        (the front cancelled the task) and what is not an Exception are raised again."""
+        if isinstance(exc, ProxyError):
+            response = error_response(exc)
+        elif isinstance(exc, asyncio.CancelledError):
             task = asyncio.current_task()
             if request.ctx.disconnected or (task is not None and task.cancelling()):
                 if self.metrics is not None:
                     self.metrics.answered(request, CLIENT_CLOSED)
-                raise
+                raise exc
             # raised inside the chain (a bug), the client still there: an error, not silence
             log.error("request %s %s was cancelled inside the chain", request.method, request.path)
             response = error_response(internal_error())
-        except Exception:
-            log.exception("unhandled error for %s %s", request.method, request.path)
+        elif isinstance(exc, Exception):
+            log.error("unhandled error for %s %s", request.method, request.path, exc_info=exc)
             response = error_response(internal_error())
-        metrics = self.metrics
-        if metrics is not None:
-            metrics.answered(request, response.status)
+        else:
+            raise exc
+        self.answered(request, response)
         return response
 
     def early_error(self, err: ProxyError, client_rid: bytes | None) -> Response:

@@ -414,7 +414,13 @@ class H1Connection(asyncio.Protocol):
                 self._current = None
 
     async def _respond(self, request: Request, http11: bool) -> None:
-        response = await self.driver.respond(request)
+        driver = self.driver
+        try:  # (driver.respond, inlined)
+            response = await driver.chain(request)(request)
+        except BaseException as e:
+            response = driver.failed(request, e)
+        else:
+            driver.answered(request, response)
         if self.closed:
             discard_body(response)
             self.driver.done(request)

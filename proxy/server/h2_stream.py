@@ -101,7 +101,13 @@ class H2Stream:
         """The stream's task: the chain, then the response (piped, iterated or whole)."""
         conn = self.conn
         try:
-            response = await conn.front.driver.respond(request)
+            driver = conn.front.driver
+            try:  # (driver.respond, inlined)
+                response = await driver.chain(request)(request)
+            except BaseException as e:
+                response = driver.failed(request, e)
+            else:
+                driver.answered(request, response)
             if self.reset or conn.closed:
                 discard_body(response)
                 return
