@@ -14,10 +14,10 @@ Trip rules, checked as calls end (whichever fires first):
 While open, no call is let through; after ``open_s`` up to ``half_open_probes`` calls go at once
 as probes; a failed or slow probe opens it again for another ``open_s``.
 
-Why not pybreaker (a project dependency): it counts only failures in a row (no ratio over a window,
-no slow calls), lets one trial call through in half-open, reads the wall clock (``datetime.now``)
-with no way to inject one, and locks per call; this class covers the rules above in ~100 lines,
-with the clock the tests drive by hand.
+Why not pybreaker (named by the user; not a dependency, see README's Dependencies): it counts only
+failures in a row (no ratio over a window, no slow calls), lets one trial call through in half-open,
+reads the wall clock (``datetime.now``) with no way to inject one, and locks per call; this class
+covers the rules above in ~100 lines, with the clock the tests drive by hand.
 """
 
 from __future__ import annotations

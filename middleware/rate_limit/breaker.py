@@ -5,9 +5,10 @@ one round trip goes through as a probe; it succeeding closes the breaker, failin
 While open (and while the probe is out) Redis is not called at all, so a dead Redis costs a
 request nothing but an attribute check, and the sidecar notices by itself when Redis is back.
 
-Why not pybreaker (a project dependency): it reads the wall clock (``datetime.now``) with no way
-to inject one, its async support needs tornado, and it locks per call; these dozen lines take the
-clock the rest of the sidecar uses, so the tests drive time by hand.
+Why not pybreaker (named by the user; not a dependency, see README's Dependencies): it reads the
+wall clock (``datetime.now``) with no way to inject one, its async support needs tornado, and it
+locks per call; these dozen lines take the clock the rest of the sidecar uses, so the tests drive
+time by hand.
 """
 
 from __future__ import annotations

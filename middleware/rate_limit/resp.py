@@ -13,11 +13,28 @@ calls (measured in bench/README.md's rate-limit notes).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, Final
 
-from redis._parsers.base import BaseParser
-from redis.exceptions import InvalidResponse, ResponseError
+from redis.exceptions import (
+    AskError,
+    AuthenticationError,
+    BusyLoadingError,
+    ClusterCrossSlotError,
+    ClusterDownError,
+    ExecAbortError,
+    InvalidResponse,
+    MasterDownError,
+    MovedError,
+    NoPermissionError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 
 CRLF: Final = b"\r\n"
 NOT_YET: Final = False  # gets(): no complete reply buffered (as hiredis.Reader answers)
@@ -32,10 +49,35 @@ def encode(args: Sequence[bytes]) -> bytes:
     return b"*%d\r\n%b" % (len(args), b"".join(bulk(a) for a in args))
 
 
-def error(message: bytes) -> ResponseError:
-    """The exception redis-py would raise for this error reply (its table of error prefixes)."""
-    parsed: ResponseError = BaseParser.parse_error(message.decode(errors="replace"))  # type: ignore[no-untyped-call]
-    return parsed
+# An error reply's first word → the redis.exceptions class redis-py raises for it (a ResponseError,
+# or for LOADING and the auth errors a ConnectionError). redis-py's own table lives in a private
+# module (redis._parsers): the prefixes are Redis's, so they are listed here.
+ERRORS: Final[Mapping[str, type[RedisError]]] = MappingProxyType(
+    {
+        "NOSCRIPT": NoScriptError,
+        "LOADING": BusyLoadingError,
+        "READONLY": ReadOnlyError,
+        "EXECABORT": ExecAbortError,
+        "OOM": OutOfMemoryError,
+        "NOAUTH": AuthenticationError,
+        "WRONGPASS": AuthenticationError,
+        "NOPERM": NoPermissionError,
+        "TRYAGAIN": TryAgainError,
+        "MOVED": MovedError,
+        "ASK": AskError,
+        "CLUSTERDOWN": ClusterDownError,
+        "CROSSSLOT": ClusterCrossSlotError,
+        "MASTERDOWN": MasterDownError,
+    }
+)
+
+
+def error(message: bytes) -> RedisError:
+    """The exception redis-py would raise for this error reply, by its first word."""
+    text = message.decode(errors="replace")
+    code, _, rest = text.partition(" ")
+    kind = ERRORS.get(code)
+    return ResponseError(text) if kind is None else kind(rest)
 
 
 class ReplyParser:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +16,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from middleware.rate_limit.resp import NOT_YET, ReplyParser, encode
+from middleware.rate_limit.resp import ERRORS, NOT_YET, ReplyParser, encode, error
 
 STREAM = (
     b"$15\r\n0 5 12 99 100 0\r\n"  # an admission's answer
@@ -102,3 +104,28 @@ def test_a_reply_of_an_unknown_kind_or_a_bad_number_is_a_protocol_error(reply: b
     parser.feed(reply)
     with pytest.raises(InvalidResponse):
         parser.gets()
+
+
+def test_error_classes_agree_with_redis_py() -> None:
+    """Our table of error prefixes picks the class redis-py's own parser picks (a private module of
+    redis-py, read here only to check against, never by the product)."""
+    from redis._parsers.base import BaseParser
+
+    for code in ERRORS:
+        message = f"{code} 3999 127.0.0.1:6381"  # (MOVED and ASK carry a slot and an address)
+        ours = error(message.encode())
+        theirs = BaseParser.parse_error(message)  # type: ignore[no-untyped-call]
+        assert type(ours) is type(theirs), code
+    assert type(error(b"ERR unknown command")) is ResponseError
+
+
+def test_the_product_imports_no_private_module_of_a_library() -> None:
+    root = Path(__file__).resolve().parents[2]
+    private = re.compile(r"^\s*(?:from|import)\s+(?!proxy|middleware)\w+\._\w*", re.M)
+    offenders = [
+        str(path.relative_to(root))
+        for folder in ("proxy", "middleware")
+        for path in (root / folder).rglob("*.py")
+        if private.search(path.read_text())
+    ]
+    assert not offenders
