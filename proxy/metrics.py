@@ -108,15 +108,8 @@ class Metrics:
     def done(self, request: Request) -> None:
         """The response is complete (the driver calls this once per request)."""
         key = self._answered.pop(request, None)
-        if key is None:  # answered by the sidecar itself (/healthz), or not yet by the chain
-            return
-        duration = self.clock.now() - request.ctx.started
-        series = self.series.get(key)
-        if series is None:
-            series = self.series[key] = Series(len(self.bounds))
-        series.count += 1
-        series.sum += duration
-        series.buckets[bisect_left(self.bounds, duration)] += 1
+        if key is not None:  # (None: answered by the sidecar itself, /healthz, or not yet by the chain)
+            self.observe(key, self.clock.now() - request.ctx.started)
 
     def refuse(self, status: int) -> None:
         """The front refused a request before it was complete (413, 431, 408, 400): no route yet."""
