@@ -10,10 +10,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httptools
 import orjson
 import pytest
 
+from tests.h1_response import H1Response
 from tests.integration.h2_raw import RawH2
 from tests.integration.mock_proc import MockProcess
 from tests.integration.sidecar_proc import SidecarProcess, minimal_config
@@ -44,40 +44,23 @@ class Answer:
         return err["type"], err.get("code"), err.get("param")
 
 
-class _H1Reader:
-    def __init__(self) -> None:
-        self.parser = httptools.HttpResponseParser(self)
-        self.headers: dict[bytes, bytes] = {}
-        self.body = bytearray()
-        self.done = False
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers[name.lower()] = value
-
-    def on_body(self, chunk: bytes) -> None:
-        self.body += chunk
-
-    def on_message_complete(self) -> None:
-        self.done = True
-
-
 def ask_h1(sidecar: SidecarProcess, method: str, path: str, body: bytes, headers: dict[str, str]) -> Answer:
     lines = [f"{method} {path} HTTP/1.1", "host: sidecar", *(f"{k}: {v}" for k, v in headers.items())]
     if body or method == "POST":
         lines += ["content-type: application/json", f"content-length: {len(body)}"]
     with socket.create_connection((sidecar.host, sidecar.port), timeout=5) as sock:
         sock.sendall("\r\n".join(lines).encode() + b"\r\n\r\n" + body)
-        reader = _H1Reader()
+        reader = H1Response()
         if method == "HEAD":
             reader.parser.set_dangerous_leniencies(lenient_data_after_close=True)  # no body follows
         while not reader.done:
             data = sock.recv(65536)
             if not data:
                 break
-            reader.parser.feed_data(data)
+            reader.feed(data)
             if method == "HEAD" and reader.headers:
                 break
-        return Answer(reader.parser.get_status_code(), reader.headers, bytes(reader.body))
+        return Answer(reader.status, reader.headers, bytes(reader.body))
 
 
 def ask_h2(sidecar: SidecarProcess, method: str, path: str, body: bytes, headers: dict[str, str]) -> Answer:

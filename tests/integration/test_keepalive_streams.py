@@ -7,32 +7,13 @@ from __future__ import annotations
 import socket
 import time
 
-import httptools
 import orjson
 
+from tests.h1_response import H1Response
 from tests.integration.h2_raw import RawH2
 from tests.integration.sidecar_proc import SidecarProcess
 
 CHAT = orjson.dumps({"model": "demo-model", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
-
-
-class _Response:
-    """One HTTP/1.1 response read off a socket, framing and all, by httptools."""
-
-    def __init__(self) -> None:
-        self.parser = httptools.HttpResponseParser(self)
-        self.headers: dict[bytes, bytes] = {}
-        self.body = bytearray()
-        self.done = False
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers[name.lower()] = value
-
-    def on_body(self, chunk: bytes) -> None:
-        self.body += chunk
-
-    def on_message_complete(self) -> None:
-        self.done = True
 
 
 def test_1000_streams_one_after_another_on_one_http1_socket(sidecar: SidecarProcess) -> None:
@@ -45,7 +26,7 @@ def test_1000_streams_one_after_another_on_one_http1_socket(sidecar: SidecarProc
         framings: set[bytes] = set()
         for i in range(1000):
             sock.sendall(request)
-            response = _Response()
+            response = H1Response()
             started = time.monotonic()
             while not response.done:
                 try:
@@ -55,9 +36,9 @@ def test_1000_streams_one_after_another_on_one_http1_socket(sidecar: SidecarProc
                         f"response {i} did not end within 1 s; got {bytes(response.body[-120:])!r}"
                     ) from None
                 assert data, f"the sidecar closed the connection during response {i}"
-                response.parser.feed_data(data)
+                response.feed(data)
             assert time.monotonic() - started < 1.0, f"response {i} took over a second"
-            assert response.parser.get_status_code() == 200, (i, bytes(response.body))
+            assert response.status == 200, (i, bytes(response.body))
             assert response.body.endswith(b"data: [DONE]\n\n"), (i, bytes(response.body[-120:]))
             framings.add(b"chunked" if b"transfer-encoding" in response.headers else b"length")
         # The upstream streams chunked: so does the sidecar, however the upstream's reads fell.
