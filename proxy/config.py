@@ -225,7 +225,11 @@ class MiddlewareEntry:
 @dataclass(frozen=True)
 class LogConfig:
     level: Literal["debug", "info", "warning", "error"] = opt("info", "log level")
-    access_log: bool = opt(False, "one line per request (costs CPU on the hot path)")
+    access_log: bool = opt(False, "one line per request, when its response is complete")
+    format: Literal["text", "json"] = opt("text", "text: human-readable lines; json: one object a line")
+    bodies: bool = opt(
+        False, "access lines carry the request and response bodies (≤ 64 KiB each): prompts, completions"
+    )
 
 
 @dataclass(frozen=True)
