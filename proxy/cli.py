@@ -17,6 +17,7 @@ from proxy import __version__
 from proxy.app import App, ReloadError
 from proxy.config import Config
 from proxy.config_loader import ConfigError, load_config
+from proxy.logs import configure_logging
 from proxy.sdnotify import Notifier
 
 log = logging.getLogger("llm_sidecar")
@@ -77,15 +78,15 @@ def serve(path: str) -> int:
     except ConfigError as e:
         print(f"llm-sidecar: not starting, the config has problems:\n{e}", file=sys.stderr)
         return EXIT_CONFIG
-    logging.basicConfig(
-        level=config.log.level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs = configure_logging(config.log)  # formatting and writing in a thread, off the loop
     import uvloop
 
     try:
         return int(uvloop.run(_serve(config, path, started)))
     except KeyboardInterrupt:
         return 0
+    finally:
+        logs.close()  # what is still queued gets written
 
 
 async def _serve(config: Config, path: str, started: float) -> int:
