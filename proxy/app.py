@@ -21,7 +21,7 @@ from collections.abc import Coroutine, Mapping
 from functools import partial
 from typing import Any
 
-from proxy.access_log import AccessLog
+from proxy.access_log import AccessLog, AccessSink
 from proxy.admin import AdminServer
 from proxy.chain import Handler, compose
 from proxy.clock import Clock, MonotonicClock
@@ -78,10 +78,12 @@ class App:
         loop: asyncio.AbstractEventLoop,
         clock: Clock | None = None,
         rng: random.Random | None = None,
+        access_sink: AccessSink | None = None,
     ) -> None:
         self.loop = loop
         self.clock = clock or MonotonicClock()
         self.rng = rng or random.Random()
+        self.access_sink = access_sink  # where access lines go (the log thread's queue)
         upstreams: dict[str, Upstream] = {
             name: make_upstream(name, cfg, loop) for name, cfg in config.upstreams.items()
         }
@@ -134,8 +136,8 @@ class App:
             middleware.append(entry.factory(entry.config, ctx))
             carried.append(prev)
         chain: list[Any] = list(middleware)
-        if config.log.access_log:
-            chain.insert(0, AccessLog(self.clock))  # first, so it sees every status the chain returns
+        if config.log.access_log:  # first, so it sees every status the chain returns
+            chain.insert(0, AccessLog(self.clock, config.log, self.access_sink))
         return Build(config, upstreams, router, middleware, carried, compose(chain, forwarder))
 
     async def reload(self, config: Config) -> list[str]:

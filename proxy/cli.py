@@ -17,7 +17,7 @@ from proxy import __version__
 from proxy.app import App, ReloadError
 from proxy.config import Config
 from proxy.config_loader import ConfigError, load_config
-from proxy.logs import configure_logging
+from proxy.logs import LogHandle, configure_logging
 from proxy.sdnotify import Notifier
 
 log = logging.getLogger("llm_sidecar")
@@ -82,16 +82,16 @@ def serve(path: str) -> int:
     import uvloop
 
     try:
-        return int(uvloop.run(_serve(config, path, started)))
+        return int(uvloop.run(_serve(config, path, started, logs)))
     except KeyboardInterrupt:
         return 0
     finally:
         logs.close()  # what is still queued gets written
 
 
-async def _serve(config: Config, path: str, started: float) -> int:
+async def _serve(config: Config, path: str, started: float, logs: LogHandle) -> int:
     loop = asyncio.get_running_loop()
-    app = App(config, loop)
+    app = App(config, loop, access_sink=logs.access)
     try:
         await app.start()
     except OSError as e:
@@ -109,7 +109,7 @@ async def _serve(config: Config, path: str, started: float) -> int:
     notifier = Notifier()
     notifier.ready()
     watchdog = loop.create_task(notifier.watchdog())
-    reloader = loop.create_task(_reload_on_signal(app, path, reload_wanted, notifier))
+    reloader = loop.create_task(_reload_on_signal(app, path, reload_wanted, notifier, logs))
     await stop.wait()
     log.info("stopping: finishing in-flight requests (up to %g s)", app.config.drain_timeout_s)
     notifier.stopping()
@@ -119,7 +119,9 @@ async def _serve(config: Config, path: str, started: float) -> int:
     return 0
 
 
-async def _reload_on_signal(app: App, path: str, wanted: asyncio.Event, notifier: Notifier) -> None:
+async def _reload_on_signal(
+    app: App, path: str, wanted: asyncio.Event, notifier: Notifier, logs: LogHandle
+) -> None:
     """SIGHUP: read and check ``path`` again, build it, swap it in; a file with problems is
     rejected with check-config's messages and the config in force goes on serving."""
     loop = asyncio.get_running_loop()
@@ -135,6 +137,7 @@ async def _reload_on_signal(app: App, path: str, wanted: asyncio.Event, notifier
             log.error("reload of %s rejected; still serving the config before it:\n%s", path, e)
         else:
             app.reloads["ok"] += 1
+            logs.reconfigure(config.log)
             for note in notes:
                 log.warning("reload of %s: %s", path, note)
             log.info("config reloaded from %s | %s", path, app.describe_routes())

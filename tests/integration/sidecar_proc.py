@@ -112,6 +112,15 @@ class SidecarProcess:
     def _reload_outcomes(self) -> list[str]:
         return [a or b for a, b in _RELOADED.findall(self.logs())]
 
+    def wait_log(self, text: str, timeout: float = 5.0) -> str:
+        """The log once it holds ``text`` (a log thread writes lines a moment after they happen)."""
+        deadline = time.monotonic() + timeout
+        while text not in (logs := self.logs()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not in the log within {timeout}s:\n{logs[-3000:]}")
+            time.sleep(0.01)
+        return logs
+
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 

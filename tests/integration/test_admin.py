@@ -162,7 +162,7 @@ def test_an_admin_port_taken_leaves_the_proxy_serving(mock: MockProcess, tmp_pat
         with SidecarProcess(config, tmp_path / "b") as second:
             client = OpenAI(base_url=second.base_url, api_key="x", max_retries=0)
             client.chat.completions.create(model="demo-model", messages=MESSAGES)
-            assert f"admin listener: cannot listen on 127.0.0.1:{taken}" in second.logs()
+            second.wait_log(f"admin listener: cannot listen on 127.0.0.1:{taken}")
 
 
 def test_the_admin_address_cannot_be_the_listen_address(mock: MockProcess, tmp_path: Path) -> None:
@@ -243,7 +243,7 @@ def test_a_reload_that_changes_admin_says_it_takes_a_restart(mock: MockProcess, 
         url = admin_url(sidecar)
         changed = 'admin: {address: "127.0.0.1:0", token: "new"}\n'
         assert sidecar.reload(minimal_config(mock.url, extra=changed))
-        assert "admin: changed, but it takes a restart; still as before" in sidecar.logs()
+        sidecar.wait_log("admin: changed, but it takes a restart; still as before")
         assert httpx.get(url + "/metrics").status_code == 200  # no token yet: as before
 
 

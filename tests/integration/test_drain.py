@@ -112,4 +112,4 @@ def test_streams_still_running_when_the_drain_runs_out_end_with_an_error_event(
         assert orjson.loads(bytes(bodies[waiting]))["error"]["code"] == "shutting_down"
         h2.close()
         assert sidecar.proc.wait(10) == 0
-        assert "drain_timeout_s (0.5 s) ran out: 3 response(s) cut" in sidecar.logs()
+        sidecar.wait_log("drain_timeout_s (0.5 s) ran out: 3 response(s) cut")

@@ -116,7 +116,7 @@ def test_control_frame_flood_gets_enhance_your_calm(
         send_all(c.sock, c.conn.data_to_send())  # in one go, without reading a byte
         assert read_goaway(c.sock) == (ErrorCodes.ENHANCE_YOUR_CALM, c.conn.highest_outbound_stream_id or 0)
         assert closed_after(c.sock)
-    assert "control frame flood" in sidecar.logs()
+    sidecar.wait_log("control frame flood")
     still_serves(sidecar)
 
 
@@ -131,7 +131,7 @@ def test_continuation_flood_gets_enhance_your_calm(sidecar: SidecarProcess, memo
         for _ in range(200):  # 3.2 MB if nothing stopped it
             send_all(sock, piece)
         assert read_goaway(sock) == (ErrorCodes.ENHANCE_YOUR_CALM, 0)
-    assert "header block over 131072 bytes" in sidecar.logs()
+    sidecar.wait_log("header block over 131072 bytes")
     still_serves(sidecar)
 
 
@@ -155,7 +155,7 @@ def test_rapid_reset_gets_enhance_your_calm(sidecar: SidecarProcess, mock: MockP
             pass
         goaway = read_goaway(c.sock)
         assert goaway is not None and goaway[0] == ErrorCodes.ENHANCE_YOUR_CALM
-    assert "rapid reset" in sidecar.logs()
+    sidecar.wait_log("rapid reset")
     # What reached the backend was cancelled: nothing holds it once the connection is gone.
     stats = mock.wait_stats(lambda s: s["in_flight"] == 0, timeout=5)
     assert stats["completed"] == 0
@@ -218,4 +218,4 @@ def test_a_stream_the_client_never_reads_is_reset_after_send_timeout(
         c.wait(lambda: sid in c.resets)
         assert c.resets[sid] == ErrorCodes.CANCEL
         assert c.json(c.request("POST", "/v1/chat/completions", CHAT))[0] == 200  # the connection lives on
-    assert "took no data on stream 1" in sidecar.logs()
+    sidecar.wait_log("took no data on stream 1")

@@ -248,7 +248,7 @@ def test_http2_disabled_rejects_the_preface(mock: MockProcess, tmp_path: Path) -
             answer = sock.recv(4096)
         assert answer.startswith(b"HTTP/1.1 400 ")
         assert b"HTTP/2 is not enabled" in answer
-        assert "(HTTP/1.1)" in sidecar.logs()
+        sidecar.wait_log("(HTTP/1.1)")
 
 
 @pytest.mark.parametrize(
@@ -261,7 +261,7 @@ def test_a_wrong_http2_preface_gets_goaway_protocol_error(sidecar: SidecarProces
         sock.sendall(garbage)
         assert read_goaway(sock) == (ErrorCodes.PROTOCOL_ERROR, 0)
         assert closed_after(sock)
-    assert "invalid connection preface" in sidecar.logs()
+    sidecar.wait_log("invalid connection preface")
 
 
 # ---- cancellation: RST_STREAM stops the upstream request ---------------------------------------
@@ -366,7 +366,7 @@ def test_tls_alpn_picks_h2_or_http11(tls_sidecar: tuple[SidecarProcess, Path]) -
     sidecar, cert = tls_sidecar
     url = f"https://127.0.0.1:{sidecar.port}/v1/chat/completions"
     context = ssl.create_default_context(cafile=str(cert))
-    assert f"https://127.0.0.1:{sidecar.port}" in sidecar.logs()
+    sidecar.wait_log(f"https://127.0.0.1:{sidecar.port}")
     with httpx.Client(http2=True, verify=context, timeout=10) as h2:
         reply = h2.post(url, json=CHAT)
         assert (reply.http_version, reply.status_code) == ("HTTP/2", 200)

@@ -395,7 +395,7 @@ async def test_tls_upstream_alpn(
         assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices]) == GREETING
         await client.close()
         if chosen is not None:
-            assert f"upstream mock: ALPN chose {chosen}" in sidecar.logs()
+            sidecar.wait_log(f"upstream mock: ALPN chose {chosen}")
 
 
 async def test_h2_upstream_that_declines_h2_in_alpn_is_502(

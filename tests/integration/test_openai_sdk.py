@@ -357,7 +357,7 @@ def test_middleware_from_yaml_builtin_and_user_class(mock: MockProcess, tmp_path
         SidecarProcess(minimal_config(mock.url, extra=extra), tmp_path) as sidecar,
         OpenAI(base_url=sidecar.base_url, api_key="x", max_retries=0) as client,
     ):
-        assert "chain: headers → tests.unit.sample_middleware:Sample → forward" in sidecar.logs()
+        sidecar.wait_log("chain: headers → tests.unit.sample_middleware:Sample → forward")
         raw = client.chat.completions.with_raw_response.create(
             model="demo-model", messages=HI, extra_headers={"x-debug": "1"}
         )

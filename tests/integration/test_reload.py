@@ -45,7 +45,7 @@ def test_a_reload_serves_the_new_routes_at_once(mock: MockProcess, tmp_path: Pat
         reply = client.chat.completions.create(model="added", messages=MESSAGES)
         assert reply.model == "added-v1"  # what the mock was asked for: the new target's model
         assert client.chat.completions.create(model="demo-model", messages=MESSAGES).model == "mock-model-v1"
-        assert "routes: demo-model → mock-a/mock-model-v1 (1); added → mock-a/added-v1 (1)" in sidecar.logs()
+        sidecar.wait_log("routes: demo-model → mock-a/mock-model-v1 (1); added → mock-a/added-v1 (1)")
 
 
 def test_an_invalid_file_is_rejected_and_the_old_config_serves_on(mock: MockProcess, tmp_path: Path) -> None:
@@ -68,7 +68,7 @@ def test_a_change_that_needs_a_restart_is_said_and_the_rest_applied(
     with SidecarProcess(config(mock.url), tmp_path) as sidecar:
         moved = config(mock.url, extra_route="added").replace("127.0.0.1:0", "127.0.0.1:1")
         assert sidecar.reload(moved)
-        assert "listen: changed, but it takes a restart; still as before" in sidecar.logs()
+        sidecar.wait_log("listen: changed, but it takes a restart; still as before")
         client = OpenAI(base_url=sidecar.base_url, api_key="x", max_retries=0)
         assert client.chat.completions.create(model="added", messages=MESSAGES).model == "added-v1"
 

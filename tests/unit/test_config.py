@@ -158,7 +158,7 @@ def test_unknown_key_with_a_suggestion() -> None:
 
 def test_unknown_key_lists_the_known_ones() -> None:
     assert problems(MINIMAL + "log:\n  colour: true\n") == [
-        "config.yaml:9: log.colour: unknown key 'colour' (known: level, access_log)"
+        "config.yaml:9: log.colour: unknown key 'colour' (known: level, access_log, format, bodies)"
     ]
 
 
