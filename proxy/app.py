@@ -19,15 +19,14 @@ import socket
 import ssl
 from collections.abc import Coroutine, Mapping
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxy.access_log import AccessLog, AccessSink
-from proxy.admin import AdminServer
 from proxy.chain import Handler, compose
 from proxy.clock import Clock, MonotonicClock
 from proxy.config import Config, RouteConfig
 from proxy.forward import Forwarder
-from proxy.metrics import BreakerView, Metrics, breaker_level, registry_for
+from proxy.metrics import BreakerView, Metrics, breaker_level
 from proxy.registry import BuildContext
 from proxy.routing import Router
 from proxy.server.front import Front
@@ -36,6 +35,9 @@ from proxy.server.h2 import H2Connection
 from proxy.server.tls import AlpnSwitch, server_context
 from proxy.upstream.base import Upstream
 from proxy.upstream.factory import make_upstream
+
+if TYPE_CHECKING:
+    from proxy.admin import AdminServer
 
 log = logging.getLogger("llm_sidecar")
 
@@ -97,6 +99,10 @@ class App:
         self.metrics: Metrics | None = None
         self.admin: AdminServer | None = None
         if config.admin.enabled:
+            # Imported here: aiohttp and prometheus_client cost ~15 MiB of RSS, paid only with admin on.
+            from proxy.admin import AdminServer
+            from proxy.metrics_export import registry_for
+
             self.metrics = Metrics(self.clock, config.admin.duration_buckets_s)
             self.metrics.routes = frozenset(self.build.router.models)
             self.front.driver.metrics = self.metrics

@@ -3,10 +3,11 @@
 Counting is what the request driver does per request: one dict write when the chain answers
 (:meth:`Metrics.answered`), one dict pop, one dict get, a bisect and three adds when the response
 is complete (:meth:`Metrics.done`). Nothing takes a lock or formats a string per request:
-prometheus_client's own ``Histogram`` takes a lock on each ``observe``. :class:`SidecarCollector`
-turns the counters, and what the process reads from its pools, breakers and front at that moment,
-into metric families when ``/metrics`` is scraped; it lives in its own ``CollectorRegistry`` (never
-the library's global ``REGISTRY``: no module-level state).
+prometheus_client's own ``Histogram`` takes a lock on each ``observe``. The collector
+(proxy/metrics_export.py, imported only with the admin listener on) turns the counters, and what
+the process reads from its pools, breakers and front at that moment, into metric families when
+``/metrics`` is scraped; it lives in its own ``CollectorRegistry`` (never the library's global
+``REGISTRY``: no module-level state).
 
 Labels are bounded by the config: ``route`` is the client's model name when it is a configured
 route, else "" (a client cannot mint series by sending made-up models); ``upstream`` is the
@@ -29,16 +30,8 @@ Where the series still to come go (issue 13, section 2):
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Protocol
-
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.registry import Collector, CollectorRegistry
 
 from proxy.clock import Clock
 from proxy.errors import ProxyError
@@ -156,113 +149,3 @@ def breaker_level(breaker: BreakerView) -> int:
     if breaker.state == "open" and breaker.retry_after() > 0:
         return 2
     return 1
-
-
-class SidecarCollector(Collector):
-    def __init__(self, metrics: Metrics, observed: Observed) -> None:
-        self.metrics = metrics
-        self.observed = observed
-
-    def collect(self) -> Iterator[Metric]:
-        metrics, observed = self.metrics, self.observed
-        labels = ["route", "upstream", "status"]
-        requests = CounterMetricFamily(
-            "llm_sidecar_requests", "Requests answered, by route, upstream and status", labels=labels
-        )
-        duration = HistogramMetricFamily(
-            "gen_ai_client_operation_duration_seconds",
-            "Request complete → response complete, in seconds",
-            labels=labels,
-            unit="seconds",
-        )
-        bounds = [_bound(b) for b in metrics.bounds] + ["+Inf"]
-        for (route, upstream, status), series in list(metrics.series.items()):
-            values = [route, upstream, str(status)]
-            requests.add_metric(values, series.count)
-            cumulative, total = [], 0
-            for bound, n in zip(bounds, series.buckets, strict=True):
-                total += n
-                cumulative.append((bound, float(total)))
-            duration.add_metric(values, cumulative, series.sum)
-        yield requests
-        yield duration
-        refused = CounterMetricFamily(
-            "llm_sidecar_requests_refused",
-            "Requests the front refused before they were complete (malformed, too large, slow), by status",
-            labels=["status"],
-        )
-        for status, n in list(metrics.refused.items()):
-            refused.add_metric([str(status)], n)
-        yield refused
-        yield GaugeMetricFamily(
-            "llm_sidecar_requests_in_flight",
-            "Requests received whose response is not complete",
-            value=observed.in_flight(),
-        )
-        yield GaugeMetricFamily(
-            "llm_sidecar_client_connections", "Client connections open", value=observed.client_connections()
-        )
-        reloads = CounterMetricFamily(
-            "llm_sidecar_config_reloads", "Config reloads (SIGHUP), by result", labels=["result"]
-        )
-        for result, n in observed.reloads.items():
-            reloads.add_metric([result], n)
-        yield reloads
-        yield from _pool_families(observed.pools())
-        breakers = observed.breakers()
-        if breakers:
-            state = GaugeMetricFamily(
-                "llm_sidecar_breaker_state",
-                "Circuit breaker of each upstream: 0 closed, 1 half-open, 2 open",
-                labels=["upstream"],
-            )
-            for name, breaker in breakers.items():
-                state.add_metric([name], breaker_level(breaker))
-            yield state
-
-
-def _pool_families(pools: Mapping[str, PoolView]) -> Iterator[Metric]:
-    conns = GaugeMetricFamily(
-        "llm_sidecar_upstream_connections",
-        "Upstream pool connections, busy or idle (HTTP/2: a connection carrying streams is busy)",
-        labels=["upstream", "state"],
-    )
-    waiting = GaugeMetricFamily(
-        "llm_sidecar_upstream_waiting_requests",
-        "Requests waiting for an upstream connection",
-        labels=["upstream"],
-    )
-    streams = GaugeMetricFamily(
-        "llm_sidecar_upstream_h2_streams", "HTTP/2 streams open to the upstream", labels=["upstream"]
-    )
-    has_streams = False
-    for name, pool in pools.items():
-        stats = pool.stats()
-        open_ = stats.get("open", 0)
-        if "idle" in stats:  # HTTP/1.1: a connection is idle in the pool or busy with one exchange
-            idle = stats["idle"]
-        else:
-            # HTTP/2: stats() has the streams of all connections, not which ones carry them: exact
-            # for the usual one connection per upstream (idle when no stream is open).
-            n_streams = stats.get("streams", 0)
-            idle = 0 if n_streams else open_
-            streams.add_metric([name], n_streams)
-            has_streams = True
-        conns.add_metric([name, "busy"], open_ - idle)
-        conns.add_metric([name, "idle"], idle)
-        waiting.add_metric([name], stats.get("pending", 0))
-    yield conns
-    yield waiting
-    if has_streams:
-        yield streams
-
-
-def _bound(b: float) -> str:
-    return repr(float(b))
-
-
-def registry_for(metrics: Metrics, observed: Observed) -> CollectorRegistry:
-    """A registry of its own (not prometheus_client's global one) holding the sidecar's collector."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(SidecarCollector(metrics, observed))
-    return registry

@@ -16,7 +16,8 @@ from proxy.clock import FakeClock
 from proxy.config import LimitsConfig, RouteConfig, TargetConfig
 from proxy.errors import ModelNotFound
 from proxy.http import Headers, Request, Response
-from proxy.metrics import BreakerView, Metrics, PoolView, registry_for
+from proxy.metrics import BreakerView, Metrics, PoolView
+from proxy.metrics_export import registry_for
 from proxy.requested_model import read_model
 from proxy.routing import Target
 from proxy.server.driver import RequestDriver

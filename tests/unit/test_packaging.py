@@ -35,3 +35,16 @@ def test_every_declared_dependency_is_imported_by_the_product() -> None:
     }
     unused = {d for d in declared if d.replace("pyyaml", "yaml") not in imported}
     assert not unused, f"declared but never imported by proxy/ or middleware/: {sorted(unused)}"
+
+
+def test_the_admin_listeners_libraries_load_only_with_it() -> None:
+    """aiohttp and prometheus_client cost ~15 MiB of RSS: a sidecar with admin.enabled: false (and
+    anything that imports the core) does without them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, proxy.cli, proxy.app; print(sorted({'aiohttp', 'prometheus_client'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
