@@ -171,7 +171,8 @@ async def test_a_slot_freed_on_one_sidecar_is_free_on_another_at_once(
     clock: FakeClock, redis_url: str, redis_prefix: str
 ) -> None:
     """Two sidecars' backends on one Redis, one slot: a request finished on one leaves the slot
-    free for the key's next request on the other, with no wait for lease_ms."""
+    free for the key's next request on the other as soon as its release reached Redis, with no
+    wait for lease_ms."""
     one, two = (
         RedisBackend(redis_config(redis_url, redis_prefix, timeout_ms=1000), clock, now=clock.now)
         for _ in range(2)
@@ -182,6 +183,9 @@ async def test_a_slot_freed_on_one_sidecar_is_free_on_another_at_once(
                 ticket, decision = await admit(backend, ask(10, ONE_SLOT, model=model))
                 assert decision.allowed, decision.reason
                 backend.release(ticket, 10)
+                # The slot's release goes to Redis as the request ends, not awaited: another
+                # sidecar's next request sees it once that round trip is done (no lease_ms wait).
+                await settled(backend)
         held, _ = await admit(one, ask(10, ONE_SLOT))
         _, refused = await admit(two, ask(10, ONE_SLOT))  # the limit holds across the two
         assert refused.reason == "in_flight"
@@ -205,6 +209,7 @@ async def test_near_the_in_flight_limit_a_freed_slot_goes_back_at_once(
         first, _ = await admit(one, ask(10, two_slots))
         second, _ = await admit(one, ask(10, two_slots, model="second-model"))
         one.release(first, 10)
+        await settled(one)  # (its round trip: see the test above)
         ticket, decision = await admit(two, ask(10, two_slots))
         assert decision.allowed, decision.reason
         _, refused = await admit(one, ask(10, two_slots))  # and exact: 2 in progress, 2 allowed
