@@ -167,6 +167,22 @@ def route_of(request: Request) -> str | None:
         return None
 
 
+# _Counting's attributes: slots of each concrete class (with TappedBody's slots beside them, a base
+# with slots of its own would not fit in one layout).
+_COUNTING_SLOTS = (
+    "_access",
+    "_body_in",
+    "_kept",
+    "_request",
+    "_response",
+    "c1",
+    "c2",
+    "first",
+    "keeps_length",
+    "sent",
+)
+
+
 class _Counting:
     """What a streamed answer's accounting does, for :class:`StreamTap` and :class:`AccessBody`:
     the bytes sent, the first chunk's time, the last two chunks (where a stream's usage event, or
@@ -230,18 +246,7 @@ class _Counting:
 class StreamTap(_Counting):
     """The accounting as a body tap (proxy/body.py), for a streamed body that is not pipeable."""
 
-    __slots__ = (
-        "_access",
-        "_body_in",
-        "_kept",
-        "_request",
-        "_response",
-        "c1",
-        "c2",
-        "first",
-        "keeps_length",
-        "sent",
-    )
+    __slots__ = _COUNTING_SLOTS
 
     def __init__(self, access: AccessLog, request: Request, body_in: bytes, response: Response) -> None:
         self.keeps_length = True
@@ -252,18 +257,7 @@ class AccessBody(_Counting, TappedBody):
     """A pipeable streamed body with the accounting built in: the inner body writes each chunk
     here, which counts it and writes it on (one call per chunk, not a tap's two)."""
 
-    __slots__ = (
-        "_access",
-        "_body_in",
-        "_kept",
-        "_request",
-        "_response",
-        "c1",
-        "c2",
-        "first",
-        "keeps_length",
-        "sent",
-    )
+    __slots__ = _COUNTING_SLOTS
 
     def __init__(
         self, inner: PipeableBody, access: AccessLog, request: Request, body_in: bytes, response: Response
@@ -273,14 +267,7 @@ class AccessBody(_Counting, TappedBody):
         self._start(access, request, body_in, response)
 
     def write(self, data: bytes) -> None:
-        if self.first < 0:
-            self.first = self._access.clock.now()
-        self.sent += len(data)
-        self.c2 = self.c1
-        self.c1 = data
-        kept = self._kept
-        if kept is not None and len(kept) < MAX_BODY_LOGGED:
-            kept += data[: MAX_BODY_LOGGED - len(kept)]
+        self.feed(data)  # (it counts, and hands the chunk back unchanged)
         sink = self._sink
         if sink is not None:
             sink.write(data)

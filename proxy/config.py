@@ -47,8 +47,22 @@ class TlsConfig:
         return []
 
 
+class HostPort:
+    """``host`` and ``port`` of a config's ``address`` ("host:port", checked by its validate)."""
+
+    address: str
+
+    @property
+    def host(self) -> str:
+        return split_host_port(self.address)[0]
+
+    @property
+    def port(self) -> int:
+        return split_host_port(self.address)[1]
+
+
 @dataclass(frozen=True)
-class ListenConfig:
+class ListenConfig(HostPort):
     address: str = opt("127.0.0.1:8080", "host:port to listen on ([::1]:8080 for IPv6)")
     backlog: int = opt(1024, "listen(2) backlog", min=1)
     max_connections: int = opt(4096, "client connections served at once; more are closed", min=1)
@@ -60,14 +74,6 @@ class ListenConfig:
         except ValueError as e:
             return [("address", str(e))]
         return []
-
-    @property
-    def host(self) -> str:
-        return split_host_port(self.address)[0]
-
-    @property
-    def port(self) -> int:
-        return split_host_port(self.address)[1]
 
 
 @dataclass(frozen=True)
@@ -233,7 +239,7 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
-class AdminConfig:
+class AdminConfig(HostPort):
     """The admin listener (aiohttp, off the hot path): /metrics, /healthz, /readyz."""
 
     enabled: bool = opt(True, "serve the admin listener; off: no metrics are counted either")
@@ -259,14 +265,6 @@ class AdminConfig:
         if any(b <= 0 for b in bounds) or sorted(set(bounds)) != list(bounds):
             problems.append(("duration_buckets_s", f"must be > 0 and increasing, got {list(bounds)}"))
         return problems
-
-    @property
-    def host(self) -> str:
-        return split_host_port(self.address)[0]
-
-    @property
-    def port(self) -> int:
-        return split_host_port(self.address)[1]
 
 
 @dataclass(frozen=True)
