@@ -1,4 +1,5 @@
-"""The admin listener: a second port, served by aiohttp (off the hot path), never the proxy's.
+"""The admin listener: a second port, never the proxy's, served by the sidecar's own HTTP/1.1 front
+(its parser, limits and timeouts) with a handler of its own instead of the chain.
 
 - ``GET /metrics``: the process's registry in the Prometheus text format;
 - ``GET /healthz``: the event loop answers (never needs the token: liveness probes carry none);
@@ -11,21 +12,33 @@ With ``admin.token`` set, every path but ``/healthz`` needs ``Authorization: Bea
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import Protocol
 
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from proxy.config import AdminConfig, RouteConfig
+from proxy.clock import Clock
+from proxy.config import AdminConfig, LimitsConfig, RouteConfig
+from proxy.http import Request, Response
 from proxy.metrics import BreakerView
+from proxy.server.front import Front
+from proxy.server.h1 import H1Connection
 
-log = logging.getLogger("llm_sidecar.admin")
-
-_OPEN_PATHS = frozenset({"/healthz"})
+# Probes and scrapers send small GETs: the admin port holds few connections and no large request.
+ADMIN_LIMITS = LimitsConfig(
+    max_header_bytes=16384,
+    max_body_bytes=65536,
+    header_timeout_s=10.0,
+    body_timeout_s=10.0,
+    keepalive_timeout_s=75.0,
+    max_pipelined=4,
+)
+ADMIN_MAX_CONNECTIONS = 64
+_METHODS = ("GET", "HEAD")
+_METRICS_TYPE = CONTENT_TYPE_LATEST.encode()
 
 
 class Serving(Protocol):
@@ -70,28 +83,33 @@ def problems(serving: Serving) -> list[str]:
 
 
 class AdminServer:
-    def __init__(self, cfg: AdminConfig, registry: CollectorRegistry, serving: Serving) -> None:
+    """``/metrics`` and ``/readyz`` (``/healthz`` the front's driver answers itself, before any
+    handler, so it never needs the token)."""
+
+    def __init__(
+        self,
+        cfg: AdminConfig,
+        registry: CollectorRegistry,
+        serving: Serving,
+        clock: Clock,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
         self.cfg = cfg
         self.registry = registry
         self.serving = serving
+        self.loop = loop
         self._expected = f"Bearer {cfg.token}".encode() if cfg.token else None
-        app = web.Application(middlewares=[self._auth])
-        app.router.add_get("/metrics", self.metrics)
-        app.router.add_get("/healthz", self.healthz)
-        app.router.add_get("/readyz", self.readyz)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self.front = Front(self.handle, ADMIN_LIMITS, clock, loop, ADMIN_MAX_CONNECTIONS)
+        self._server: asyncio.Server | None = None
         self.address: tuple[str, int] | None = None
 
     async def start(self) -> None:
         """Listen on ``admin.address`` (on the running loop). Raises OSError when it cannot."""
-        runner = self._runner
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, self.cfg.host, self.cfg.port, reuse_address=True).start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        host, port = runner.addresses[0][:2]
+        front = self.front
+        self._server = server = await self.loop.create_server(
+            lambda: H1Connection(front), self.cfg.host, self.cfg.port, reuse_address=True
+        )
+        host, port = server.sockets[0].getsockname()[:2]
         self.address = (host, port)
 
     @property
@@ -101,33 +119,34 @@ class AdminServer:
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     async def stop(self) -> None:
-        await self._runner.cleanup()
+        server = self._server
+        if server is not None:
+            server.close()
+            await self.front.drain(1.0)
+            await server.wait_closed()
 
-    @web.middleware
-    async def _auth(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
+    async def handle(self, request: Request) -> Response:
+        path = request.path
+        if path not in ("/metrics", "/readyz"):
+            return Response.json(404, {"error": f"no admin path {path}: /metrics, /healthz, /readyz"})
+        if request.method not in _METHODS:
+            response = Response.json(405, {"error": f"{path} answers GET and HEAD"})
+            response.headers.append((b"allow", b"GET, HEAD"))
+            return response
         expected = self._expected
-        if expected is not None and request.path not in _OPEN_PATHS:
-            given = request.headers.get("Authorization", "").encode()
+        if expected is not None:
+            given = request.headers.get(b"authorization") or b""
             if not hmac.compare_digest(given, expected):
-                return web.json_response(
-                    {"error": "this admin path needs 'Authorization: Bearer <admin.token>'"},
-                    status=401,
-                    headers={"WWW-Authenticate": 'Bearer realm="llm-sidecar admin"'},
+                response = Response.json(
+                    401, {"error": "this admin path needs 'Authorization: Bearer <admin.token>'"}
                 )
-        return await handler(request)
-
-    async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(
-            body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
-
-    async def healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    async def readyz(self, request: web.Request) -> web.Response:
+                response.headers.append((b"www-authenticate", b'Bearer realm="llm-sidecar admin"'))
+                return response
+        if path == "/metrics":
+            return Response(
+                200, [(b"content-type", CONTENT_TYPE_LATEST.encode())], generate_latest(self.registry)
+            )
         found = problems(self.serving)
         if found:
-            return web.json_response({"ready": False, "problems": found}, status=503)
-        return web.json_response({"ready": True})
+            return Response.json(503, {"ready": False, "problems": found})
+        return Response.json(200, {"ready": True})

@@ -99,14 +99,14 @@ class App:
         self.metrics: Metrics | None = None
         self.admin: AdminServer | None = None
         if config.admin.enabled:
-            # Imported here: aiohttp and prometheus_client cost ~15 MiB of RSS, paid only with admin on.
+            # Imported here: prometheus_client costs ~4 MiB of RSS, paid only with admin on.
             from proxy.admin import AdminServer
             from proxy.metrics_export import registry_for
 
             self.metrics = Metrics(self.clock, config.admin.duration_buckets_s)
             self.metrics.routes = frozenset(self.build.router.models)
             self.front.driver.metrics = self.metrics
-            self.admin = AdminServer(config.admin, registry_for(self.metrics, self), self)
+            self.admin = AdminServer(config.admin, registry_for(self.metrics, self), self, self.clock, loop)
         self._tasks: set[asyncio.Task[None]] = set()  # closing retired builds; stop() waits for them
         # Builds a reload replaced whose last response is not complete yet: (old, new, pools to close).
         self._retired: dict[int, tuple[Build, Build, list[Upstream]]] = {}

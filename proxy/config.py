@@ -240,7 +240,7 @@ class LogConfig:
 
 @dataclass(frozen=True)
 class AdminConfig(HostPort):
-    """The admin listener (aiohttp, off the hot path): /metrics, /healthz, /readyz."""
+    """The admin listener (a port of its own, HTTP/1.1): /metrics, /healthz, /readyz."""
 
     enabled: bool = opt(True, "serve the admin listener; off: no metrics are counted either")
     address: str = opt(

@@ -285,3 +285,24 @@ def test_a_route_added_by_a_reload_is_labelled_with_its_name(mock: MockProcess, 
         m = scrape(url)
         assert m[("llm_sidecar_requests_total", labels(route="", upstream="", status="404"))] == 1
         assert m[("llm_sidecar_requests_total", labels(route="added", upstream="mock", status="200"))] == 1
+
+
+def test_the_admin_port_answers_what_it_does_not_serve_clearly(mock: MockProcess, tmp_path: Path) -> None:
+    """Unknown paths 404 and other methods 405, in JSON; HEAD answers like GET without a body;
+    oversize headers 431; every answer has a request id (the sidecar's own front serves the port)."""
+    with SidecarProcess(minimal_config(mock.url, extra=ADMIN), tmp_path) as sidecar:
+        url = admin_url(sidecar)
+        missing = httpx.get(url + "/v1/models")
+        assert missing.status_code == 404 and "/metrics" in missing.json()["error"]
+        post = httpx.post(url + "/metrics", content=b"x")
+        assert (post.status_code, post.headers["allow"]) == (405, "GET, HEAD")
+        head = httpx.head(url + "/readyz")
+        assert (head.status_code, head.content) == (200, b"")
+        assert httpx.head(url + "/healthz").status_code == 200
+        big = httpx.get(url + "/metrics", headers={"x-big": "a" * 20000})
+        assert big.status_code == 431
+        for response in (missing, post, head, big):
+            assert response.headers["x-request-id"]
+        with httpx.Client() as client:  # keep-alive: many scrapes on one connection
+            for _ in range(20):
+                assert client.get(url + "/metrics").status_code == 200
