@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import redis.asyncio
 from redis.exceptions import RedisError
@@ -27,6 +28,7 @@ from middleware.circuit_state import CircuitState
 from middleware.redis_url import redis_problems
 from proxy.clock import Clock
 from proxy.config import opt, req
+from proxy.metrics import Counter
 
 log = logging.getLogger("llm_sidecar.circuit_breaker")
 
@@ -43,9 +45,17 @@ class SharedBreakerConfig:
 
 
 class BreakerShare:
-    def __init__(self, cfg: SharedBreakerConfig, breakers: dict[str, CircuitState], clock: Clock) -> None:
+    def __init__(
+        self,
+        cfg: SharedBreakerConfig,
+        breakers: dict[str, CircuitState],
+        clock: Clock,
+        failures: Counter | None = None,
+    ) -> None:
         self.cfg = cfg
         self.clock = clock
+        self.failures = failures if failures is not None else Counter("redis_failures", "", ("user",))
+        self._error = ""  # how the last round failed ("" when it worked)
         self.track(breakers)
         self.timeout_s = cfg.timeout_ms / 1000
         self._task: asyncio.Task[None] | None = None
@@ -64,6 +74,14 @@ class BreakerShare:
         """Start the background task on the running loop (``CircuitBreaker.start``; once)."""
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="breaker-share")
+
+    def problems(self) -> list[str]:
+        """Not ready while the last round with Redis (every ``poll_s``) failed."""
+        if not self._error:
+            return []
+        parts = urlsplit(self.cfg.url)  # host and port only: the URL may hold a password
+        where = f"{parts.hostname or parts.path}:{parts.port or 6379}"
+        return [f"Redis at {where} failed the last round ({self._error}); each breaker works alone"]
 
     def opened(self, upstream: str) -> None:
         """The breaker of ``upstream`` opened here: tell the others with the next round."""
@@ -92,11 +110,14 @@ class BreakerShare:
                 await asyncio.wait_for(self._round(pending), self.timeout_s)
             except (RedisError, OSError, TimeoutError) as e:
                 self._pending |= pending  # published with the next round that works
+                self.failures.inc(("circuit_breaker",))
+                self._error = f"{type(e).__name__}: {e or 'no answer in time'}"
                 if not self._failing:
                     self._failing = True
                     log.warning("shared circuit breakers: Redis failed (%s); each works alone", e)
             else:
                 self.rounds += 1
+                self._error = ""
                 if self._failing:
                     self._failing = False
                     log.warning("shared circuit breakers: Redis answers again")

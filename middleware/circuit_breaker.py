@@ -34,6 +34,7 @@ from proxy.chain import Handler
 from proxy.config import opt
 from proxy.errors import NoHealthyTarget, ProxyError, UpstreamUnavailable
 from proxy.http import Request, Response
+from proxy.metrics import REDIS_FAILURES, REDIS_FAILURES_HELP
 from proxy.registry import BuildContext
 from proxy.requested_model import requested_model
 from proxy.routing import Router
@@ -95,7 +96,8 @@ class CircuitBreaker:
             self.share = prev.share  # its Redis sync goes on, now for this build's breakers
             self.share.track(self.breakers)
         elif shared is not None:
-            self.share = BreakerShare(shared, self.breakers, ctx.clock)
+            failures = ctx.metrics.counter(REDIS_FAILURES, REDIS_FAILURES_HELP, ["user"])
+            self.share = BreakerShare(shared, self.breakers, ctx.clock, failures)
         self._healthy = self._available  # bound once, not per request
 
     def _available(self, upstream: str) -> bool:
@@ -170,6 +172,10 @@ class CircuitBreaker:
         breaker.failure()
         if breaker.trips != trips:
             self._opened(breaker, upstream, f"failures; the last: {exc or 'an error status'}")
+
+    def readiness(self) -> list[str]:
+        """/readyz: the shared state's Redis failing (the breakers themselves App reads)."""
+        return self.share.problems() if self.share is not None else []
 
     async def aclose(self) -> None:
         if self.share is not None:

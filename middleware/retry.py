@@ -78,6 +78,14 @@ class Retry:
             statuses.add(429)
         self.statuses = frozenset(statuses)
         self._counts = tuple(b"%d" % n for n in range(config.attempts))
+        self.retries = ctx.metrics.counter(
+            "retries",
+            "Attempts sent again by retry, by the upstream of the attempt that failed",
+            ["upstream"],
+        )
+        self.refused = ctx.metrics.counter(
+            "retry_refusals", "Retries not made: attempts, deadline_s or the budget ran out", ["reason"]
+        )
 
     async def __call__(self, request: Request, next: Handler) -> Response:
         ctx = request.ctx
@@ -103,9 +111,11 @@ class Retry:
                     response.headers.append((ATTEMPTS_HEADER, self._counts[retries]))
                     return response
                 discard_body(response)
-            if ctx.target is not None:
-                ctx.tried += (ctx.target,)
+            target = ctx.target
+            if target is not None:
+                ctx.tried += (target,)
                 ctx.target = None
+            self.retries.inc((target.upstream if target is not None else "",))
             retries += 1
             ctx.attempt = retries
             if wait > 0:
@@ -114,8 +124,13 @@ class Retry:
     def _may_retry(self, retries: int, wait: float, started: float) -> bool:
         """Is one more attempt allowed after waiting ``wait``? (Counts it against the budget.)"""
         if retries + 1 >= self.cfg.attempts:
+            self.refused.inc(("attempts",))
             return False
         now = self.clock.now()
         if now + wait - started > self.cfg.deadline_s:
+            self.refused.inc(("deadline",))
             return False
-        return self.budget.try_retry(now)
+        if not self.budget.try_retry(now):
+            self.refused.inc(("budget",))
+            return False
+        return True

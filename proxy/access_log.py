@@ -37,13 +37,11 @@ from proxy.config import LogConfig
 from proxy.errors import ProxyError
 from proxy.http import PipeableBody, Request, Response
 from proxy.requested_model import read_model
-from proxy.usage import Usage
+from proxy.usage import USAGE_KEY, Usage, tokens_in
 
 ACCESS_LOGGER: Final = "llm_sidecar.access"
 MAX_BODY_LOGGED: Final = 64 * 1024  # log.bodies: each body is cut here, with a marker
 MAX_USAGE_BODY: Final = 1024 * 1024  # a whole answer up to this size is parsed for its usage
-# ctx.extra: a proxy.usage.Usage that a middleware read (preferred: no second parse)
-USAGE_KEY: Final = "usage"
 CACHE_KEY: Final = "cache"  # ctx.extra: the cache's result for this request (hit, miss, …)
 CLIENT_CLOSED: Final = "client_closed"
 UPSTREAM_FAILED: Final = "upstream_failed"
@@ -326,7 +324,7 @@ def access_fields(entry: AccessEntry, stamp: str | None = None) -> dict[str, Any
         fields["tokens_in"] = usage.prompt_tokens
         fields["tokens_out"] = usage.completion_tokens
     elif usage_source is not None:
-        tokens = _tokens(usage_source)
+        tokens = tokens_in(usage_source)
         if tokens is not None:
             fields["tokens_in"], fields["tokens_out"] = tokens
     if first_chunk >= 0:
@@ -379,43 +377,6 @@ _IN_HEAD: Final = frozenset(
     }
 )
 _NEEDS_QUOTES: Final = re.compile(r'[\s"=\\]')
-
-
-def _tokens(source: bytes | tuple[bytes, bytes]) -> tuple[Any, Any] | None:
-    """(prompt, completion) tokens of a whole answer (``bytes``), or of the last two chunks of a
-    streamed one: an SSE stream's last ``usage`` event (a ``data:`` line); a JSON answer's
-    top-level ``usage``. Of a JSON answer only the ``usage`` member is parsed when it and what
-    follows close the top-level object (one ``}`` more than ``{`` from it to the end: it is not
-    nested), else the whole answer."""
-    tail = source if isinstance(source, bytes) else source[0] + source[1]
-    at = tail.rfind(b'"usage"')
-    if at < 0:
-        return None
-    start = tail.rfind(b"\n", 0, at) + 1
-    if tail.startswith(b"data:", start):  # an SSE event
-        stop = tail.find(b"\n", at)
-        return _counts(tail[start + 5 : stop if stop >= 0 else len(tail)])
-    rest = tail[at:]
-    if rest.count(b"{") + 1 == rest.count(b"}"):
-        counts = _counts(b"{" + rest)
-        if counts is not None:
-            return counts
-    return _counts(source) if isinstance(source, bytes) else None
-
-
-def _counts(data: bytes) -> tuple[Any, Any] | None:
-    try:
-        payload = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return None
-    usage = payload.get("usage") if type(payload) is dict else None
-    if type(usage) is not dict:
-        return None
-    prompt = usage.get("prompt_tokens")
-    completion = usage.get("completion_tokens")
-    if prompt is None and completion is None:  # the Responses API's names
-        prompt, completion = usage.get("input_tokens"), usage.get("output_tokens")
-    return prompt, completion
 
 
 def _clip(body: bytes, total: int) -> str:

@@ -21,12 +21,12 @@ from collections.abc import Coroutine, Mapping
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from proxy.access_log import AccessLog, AccessSink
+from proxy.access_log import AccessEntry, AccessLog, AccessSink, log_record_sink
 from proxy.chain import Handler, compose
 from proxy.clock import Clock, MonotonicClock
 from proxy.config import Config, RouteConfig
 from proxy.forward import Forwarder
-from proxy.metrics import BreakerView, Metrics, breaker_level
+from proxy.metrics import BreakerView, Metrics, MetricsScope, breaker_level
 from proxy.registry import BuildContext
 from proxy.routing import Router
 from proxy.server.front import Front
@@ -86,24 +86,29 @@ class App:
         self.clock = clock or MonotonicClock()
         self.rng = rng or random.Random()
         self.access_sink = access_sink  # where access lines go (the log thread's queue)
+        self.reloads = {"ok": 0, "failed": 0}  # read by the metrics
+        # Counted by the driver and the body tap, rendered when /metrics is scraped; off with the
+        # admin listener. Middleware counters live in the scope either way (read by nobody when off).
+        self.metrics: Metrics | None = None
+        self.scope = MetricsScope()
+        if config.admin.enabled:
+            self.metrics = Metrics(self.clock, config.admin.duration_buckets_s)
+            self.scope = self.metrics.scope
         upstreams: dict[str, Upstream] = {
             name: make_upstream(name, cfg, loop) for name, cfg in config.upstreams.items()
         }
         self.build = self._build(config, upstreams, None)
         self.front = Front(self.build.handler, config.limits, self.clock, loop, config.listen.max_connections)
+        self.front.driver.server_timing = config.server_timing
         if config.http2.enabled:
             self.front.h2_factory = partial(H2Connection, self.front, config.http2)
         self.server: asyncio.Server | None = None
-        self.reloads = {"ok": 0, "failed": 0}  # read by the metrics
-        # Counted by the driver, rendered when /metrics is scraped; off with the admin listener.
-        self.metrics: Metrics | None = None
         self.admin: AdminServer | None = None
-        if config.admin.enabled:
+        if self.metrics is not None:
             # Imported here: prometheus_client costs ~4 MiB of RSS, paid only with admin on.
             from proxy.admin import AdminServer
             from proxy.metrics_export import registry_for
 
-            self.metrics = Metrics(self.clock, config.admin.duration_buckets_s)
             self.metrics.routes = frozenset(self.build.router.models)
             self.front.driver.metrics = self.metrics
             self.admin = AdminServer(config.admin, registry_for(self.metrics, self), self, self.clock, loop)
@@ -118,7 +123,7 @@ class App:
     # -- building --------------------------------------------------------------------------------
     def _build(self, config: Config, upstreams: dict[str, Upstream], previous: Build | None) -> Build:
         router = Router(config.routes)
-        forwarder = Forwarder(router, upstreams, config.fallback_upstream, self.rng)
+        forwarder = Forwarder(router, upstreams, config.fallback_upstream, self.rng, self.clock)
         available = []
         if previous is not None:
             available = list(zip(previous.config.middleware, previous.middleware, strict=True))
@@ -138,13 +143,31 @@ class App:
                 router=router,
                 upstreams=tuple(upstreams),
                 previous=prev,
+                metrics=self.scope,
             )
             middleware.append(entry.factory(entry.config, ctx))
             carried.append(prev)
         chain: list[Any] = list(middleware)
-        if config.log.access_log:  # first, so it sees every status the chain returns
-            chain.insert(0, AccessLog(self.clock, config.log, self.access_sink))
+        sink = self._outcome_sink(config.log.access_log)
+        if sink is not None:  # first, so it sees every status the chain returns
+            chain.insert(0, AccessLog(self.clock, config.log if config.log.access_log else None, sink))
         return Build(config, upstreams, router, middleware, carried, compose(chain, forwarder))
+
+    def _outcome_sink(self, access_log: bool) -> AccessSink | None:
+        """Where the body tap's entries go: the access log's lines, the metrics, or both."""
+        lines = (self.access_sink or log_record_sink) if access_log else None
+        metrics = self.metrics
+        if metrics is None:
+            return lines
+        outcome = metrics.outcome
+        if lines is None:
+            return outcome
+
+        def both(entry: AccessEntry) -> None:
+            outcome(entry)
+            lines(entry)
+
+        return both
 
     async def reload(self, config: Config) -> list[str]:
         """Build ``config`` in full, then serve new requests with it. Returns what it did not apply
@@ -179,6 +202,7 @@ class App:
             self.metrics.routes = frozenset(build.router.models)
         self.front.limits = config.limits  # (new connections)
         self.front.driver.limits = config.limits
+        self.front.driver.server_timing = config.server_timing
         retired = self.front.driver.swap(build.handler)
         gone = [pool for name, pool in old.upstreams.items() if upstreams.get(name) is not pool]
         self._retired[id(old)] = (old, build, gone)

@@ -283,6 +283,9 @@ class Config:
     drain_timeout_s: float = opt(
         30.0, "on SIGTERM/SIGINT: how long in-flight requests and streams may take to finish", min=0.0
     )
+    server_timing: bool = opt(
+        False, "answers carry 'Server-Timing: proxy;dur=…, upstream;dur=…' (ms; tells clients your timings)"
+    )
     source: str = field(default="<memory>", compare=False)  # the file it came from
 
     def validate(self) -> list[tuple[str, str]]:

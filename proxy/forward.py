@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from proxy.clock import Clock
 from proxy.errors import InvalidRequest, MethodNotAllowed, ModelNotFound, NotFound
 from proxy.http import Headers, Request, Response
 from proxy.multipart import replace_model
@@ -46,8 +47,10 @@ class Forwarder:
         upstreams: dict[str, Upstream],
         fallback_upstream: str | None,
         rng: random.Random,
+        clock: Clock,
     ) -> None:
         self.router = router
+        self.clock = clock
         self.upstreams = upstreams
         self.fallback = upstreams[fallback_upstream] if fallback_upstream is not None else None
         self.rng = rng
@@ -72,7 +75,7 @@ class Forwarder:
                 raise InvalidRequest(
                     "this request names no model, and no default_upstream is configured", param="model"
                 )
-            return await upstream.send(request, request.body)
+            return await self._send(upstream, request, request.body)
         ctx = request.ctx
         target = ctx.target
         if target is None or not isinstance(target, Target):
@@ -89,7 +92,18 @@ class Forwarder:
             # byte-level splice ~17k; ~7k vs ~30k at 2 KB).
             assert data is not None  # a model read from JSON
             upstream_body = orjson.dumps({**data, "model": target.model})
-        return await self.upstreams[target.upstream].send(request, upstream_body)
+        return await self._send(self.upstreams[target.upstream], request, upstream_body)
+
+    async def _send(self, upstream: Upstream, request: Request, body: bytes) -> Response:
+        """The upstream's answer (its head; a body may still be coming), timed on ``ctx``."""
+        clock = self.clock
+        ctx = request.ctx
+        sent = clock.now()
+        try:
+            return await upstream.send(request, body)
+        finally:
+            ctx.upstream_at = now = clock.now()
+            ctx.upstream_s += now - sent
 
     def _models_response(self, request: Request) -> Response:
         if request.method != "GET":

@@ -75,6 +75,8 @@ class RequestContext:
         "target",
         "tenant",
         "tried",
+        "upstream_at",
+        "upstream_s",
     )
 
     def __init__(self, request_id: bytes, client: str, started: float) -> None:
@@ -87,6 +89,10 @@ class RequestContext:
         self.attempt = 0  # retries so far (``retry`` middleware)
         self.tried: tuple[Any, ...] = ()  # targets of earlier attempts, which failover avoids
         self.disconnected = False  # set by the front when the client goes away
+        # Set by the forwarder: time spent in upstream sends (to the response head, every attempt),
+        # and when the last one returned (-1: none yet). What is left of the duration is the sidecar's.
+        self.upstream_s = 0.0
+        self.upstream_at = -1.0
         self.build: Any = None  # the proxy.server.driver.Generation serving it, until it is done
         self._extra: dict[str, Any] | None = None
 

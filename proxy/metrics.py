@@ -1,9 +1,10 @@
 """The metrics of one process: plain counters the hot path adds to, rendered at scrape time.
 
 Counting is what the request driver does per request: one dict write when the chain answers
-(:meth:`Metrics.answered`), one dict pop, one dict get, a bisect and three adds when the response
-is complete (:meth:`Metrics.done`). Nothing takes a lock or formats a string per request:
-prometheus_client's own ``Histogram`` takes a lock on each ``observe``. The collector
+(:meth:`Metrics.answered`), one dict pop and two histogram observations (a dict get, a bisect,
+three adds each) when the response is complete (:meth:`Metrics.done`). Nothing takes a lock or
+formats a string per request: prometheus_client's own ``Histogram`` takes a lock on each
+``observe``. The collector
 (proxy/metrics_export.py, imported only with the admin listener on) turns the counters, and what
 the process reads from its pools, breakers and front at that moment, into metric families when
 ``/metrics`` is scraped; it lives in its own ``CollectorRegistry`` (never the library's global
@@ -15,38 +16,59 @@ upstream of the last attempt's target, "" when none was chosen (a request refuse
 one without a model sent to the default upstream). A request whose client left before the chain
 answered is counted with status 499 (nginx's "client closed request").
 
-Where the series still to come go (issue 13, section 2):
-- token usage (``gen_ai_client_token_usage`` by ``gen_ai_token_type``), time to first token
-  (``gen_ai_server_time_to_first_token_seconds``) and time per output token: observed once per
-  attempt by the one body tap at the forwarder (proxy/usage.py sees the stream's ``usage``), as
-  counts added to a :class:`Series`-like object of their own here, keyed like ``series``;
-- the response model and ``error_type`` labels: part of the key once the tap reports them;
-- the sidecar's own overhead (time outside the upstream, buckets from 50 µs): the forwarder's
-  send/first-byte timestamps on ``ctx``, subtracted in :meth:`Metrics.done`;
-- retries, retry-budget refusals, rate-limit refusals by reason, Redis failures: each middleware
-  counts in plain ints of its own and registers a collector through its ``BuildContext`` scope.
+What else is counted, each where it is known:
+- the sidecar's own overhead (``llm_sidecar_overhead_seconds``): the request's duration less the
+  time it waited on upstreams (``ctx.upstream_s``, summed over attempts by the forwarder: from
+  handing the request to a pool to the response head) and, for a streamed answer, less the time
+  from the last head to the end (the upstream paces a stream);
+- per attempt that reached an upstream, from the one body tap (:mod:`proxy.access_log`, whose
+  entries :meth:`Metrics.outcome` reads on the loop): token usage (``gen_ai_client_token_usage``
+  by ``gen_ai_token_type``, from the answer's ``usage``), time to first token (streams: complete
+  request → first body chunk) and time per output token (streams: first chunk → end over the
+  output tokens after the first);
+- middleware counters (retries, budget refusals, rate-limit refusals, Redis failures): plain
+  :class:`Counter` objects a middleware gets from its :class:`MetricsScope`
+  (``BuildContext.metrics``), rendered with the rest.
+
+``model`` is the model name the chosen target gives its upstream (the config's, so bounded), ""
+when none was chosen.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterable, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 from proxy.clock import Clock
 from proxy.errors import ProxyError
 from proxy.http import Request
 from proxy.requested_model import read_model
+from proxy.usage import USAGE_KEY, Usage, tokens_in
 
 DEFAULT_DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# The OpenTelemetry GenAI semantic conventions' advised bucket boundaries.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+TOKEN_BUCKETS = tuple(float(4**i) for i in range(14))  # 1, 4, 16, … 67,108,864
+# The sidecar's own time: from 50 µs.
+OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 CLIENT_CLOSED = 499
+# One counter for every Redis user (rate_limit, circuit_breaker's sharing), labelled by ``user``.
+REDIS_FAILURES = "redis_failures"
+REDIS_FAILURES_HELP = "Redis round trips that failed (error or no answer in time), by the middleware"
 
-# (route, upstream, status)
-Key = tuple[str, str, int]
+# (route, upstream, model, status)
+Key = tuple[str, str, str, int]
+# (route, upstream, model)
+TargetKey = tuple[str, str, str]
+
+# AccessEntry positions (proxy/access_log.py) that Metrics.outcome reads.
+_CTX, _ROUTE, _STATUS, _OUTCOME, _USAGE, _FIRST, _END = 1, 4, 5, 7, 10, 11, 12
 
 
 class Series:
-    """The requests of one (route, upstream, status): their count and durations, as bucket counts."""
+    """The observations of one label set: their count, sum and per-bucket counts."""
 
     __slots__ = ("buckets", "count", "sum")
 
@@ -56,15 +78,73 @@ class Series:
         self.buckets = [0] * (n_bounds + 1)  # per bucket, not cumulative; the last one is +Inf
 
 
+class Histogram:
+    """One histogram's series by label values; rendered cumulative at scrape time."""
+
+    __slots__ = ("bounds", "series")
+
+    def __init__(self, bounds: Iterable[float]) -> None:
+        self.bounds = tuple(float(b) for b in bounds)
+        self.series: dict[tuple[Any, ...], Series] = {}
+
+    def observe(self, key: tuple[Any, ...], value: float) -> None:
+        series = self.series.get(key)
+        if series is None:
+            series = self.series[key] = Series(len(self.bounds))
+        series.count += 1
+        series.sum += value
+        series.buckets[bisect_left(self.bounds, value)] += 1
+
+
+class Counter:
+    """A counter family of plain numbers by label values: what a middleware adds to per event."""
+
+    __slots__ = ("help", "labels", "name", "values")
+
+    def __init__(self, name: str, help: str, labels: tuple[str, ...]) -> None:
+        self.name = name
+        self.help = help
+        self.labels = labels
+        self.values: dict[tuple[str, ...], float] = {}
+
+    def inc(self, key: tuple[str, ...] = (), n: float = 1) -> None:
+        values = self.values
+        values[key] = values.get(key, 0) + n
+
+
+class MetricsScope:
+    """Where a middleware gets its counters (``BuildContext.metrics``). A name asked for again,
+    by the successor a reload builds, is the same counter: counts never go back. Rendered under
+    ``llm_sidecar_<name>_total`` when metrics are on; with them off they count and nobody reads
+    them (a middleware never needs to know)."""
+
+    def __init__(self) -> None:
+        self.counters: dict[str, Counter] = {}
+
+    def counter(self, name: str, help: str, labels: Iterable[str] = ()) -> Counter:
+        labels = tuple(labels)
+        counter = self.counters.get(name)
+        if counter is None:
+            counter = self.counters[name] = Counter(f"llm_sidecar_{name}", help, labels)
+        elif counter.labels != labels:
+            raise ValueError(f"counter {name!r} exists with labels {counter.labels}, not {labels}")
+        return counter
+
+
 class Metrics:
-    """Counters of one process, built by App; the driver adds to them."""
+    """Counters of one process, built by App; the driver and the body tap add to them."""
 
     def __init__(self, clock: Clock, duration_buckets: Iterable[float] = DEFAULT_DURATION_BUCKETS) -> None:
         self.clock = clock  # the driver's: ctx.started is its time
-        self.bounds = tuple(float(b) for b in duration_buckets)
-        self.series: dict[Key, Series] = {}
+        self.durations = Histogram(duration_buckets)  # by Key: also the request counts
+        self.overhead = Histogram(OVERHEAD_BUCKETS)  # by (route, upstream)
+        self.ttft = Histogram(TTFT_BUCKETS)  # by TargetKey
+        self.tpot = Histogram(TPOT_BUCKETS)  # by TargetKey
+        self.tokens = Histogram(TOKEN_BUCKETS)  # by TargetKey + ("input" | "output",)
+        self.scope = MetricsScope()
         self.routes: frozenset[str] = frozenset()  # the configured routes (App sets it per build)
         self._answered: dict[Request, Key] = {}  # answered by the chain, response not complete yet
+        self._streamed: set[Request] = set()  # of those, the ones whose body is streamed
         self.refused: dict[int, int] = {}  # status → requests the front refused before they were complete
 
     # -- the hot path ----------------------------------------------------------------------------
@@ -79,10 +159,11 @@ class Metrics:
                 model = None
         route = model if model is not None and model in self.routes else ""
         target = request.ctx.target
-        upstream = target.upstream if target is not None else ""
-        return (route, upstream, status)
+        if target is None:
+            return (route, "", "", status)
+        return (route, target.upstream, target.model, status)
 
-    def answered(self, request: Request, status: int) -> None:
+    def answered(self, request: Request, status: int, streamed: bool = False) -> None:
         """The chain answered ``status``; counted when the response is complete (:meth:`done`),
         or now when it already is (the client left before the chain answered)."""
         ctx = request.ctx
@@ -91,30 +172,72 @@ class Metrics:
         if read is None or ctx.build is None or target is None:  # the rarer paths
             key = self.key(request, status)
             if ctx.build is None:  # done() came first
-                self.observe(key, self.clock.now() - ctx.started)
+                self._observe(key, request, self.clock.now(), False)
                 return
         else:
             model = read[1][0]
-            key = (model if model in self.routes else "", target.upstream, status)
+            key = (model if model in self.routes else "", target.upstream, target.model, status)
         self._answered[request] = key
+        if streamed:
+            self._streamed.add(request)
 
     def done(self, request: Request) -> None:
         """The response is complete (the driver calls this once per request)."""
         key = self._answered.pop(request, None)
         if key is not None:  # (None: answered by the sidecar itself, /healthz, or not yet by the chain)
-            self.observe(key, self.clock.now() - request.ctx.started)
+            streamed = False
+            if self._streamed:
+                streamed = request in self._streamed
+                self._streamed.discard(request)
+            self._observe(key, request, self.clock.now(), streamed)
+
+    def _observe(self, key: Key, request: Request, now: float, streamed: bool) -> None:
+        ctx = request.ctx
+        duration = now - ctx.started
+        self.durations.observe(key, duration)
+        outside = duration - ctx.upstream_s
+        if streamed and ctx.upstream_at >= 0:
+            outside -= now - ctx.upstream_at
+        self.overhead.observe(key[:2], outside if outside > 0 else 0.0)
 
     def refuse(self, status: int) -> None:
         """The front refused a request before it was complete (413, 431, 408, 400): no route yet."""
         self.refused[status] = self.refused.get(status, 0) + 1
 
-    def observe(self, key: Key, duration: float) -> None:
-        series = self.series.get(key)
-        if series is None:
-            series = self.series[key] = Series(len(self.bounds))
-        series.count += 1
-        series.sum += duration
-        series.buckets[bisect_left(self.bounds, duration)] += 1
+    def outcome(self, entry: tuple[Any, ...]) -> None:
+        """What the body tap saw of an answer (an ``AccessEntry``): its tokens, and for a stream
+        that ended well its time to first token and per output token."""
+        ctx = entry[_CTX]
+        target = ctx.target
+        if target is None:  # no upstream was asked (a refusal, /v1/models, a cache hit)
+            return
+        route = entry[_ROUTE]
+        key: TargetKey = (route if route in self.routes else "", target.upstream, target.model)
+        first = entry[_FIRST]
+        ok = entry[_STATUS] == 200 and entry[_OUTCOME] is None
+        if first >= 0 and ok:
+            self.ttft.observe(key, first - ctx.started)
+        extra = ctx._extra
+        usage = extra.get(USAGE_KEY) if extra else None
+        prompt: int | None
+        completion: int | None
+        if isinstance(usage, Usage):
+            prompt, completion = usage.prompt_tokens, usage.completion_tokens
+        else:
+            source = entry[_USAGE]
+            if source is None:
+                return
+            counts = tokens_in(source)
+            if counts is None:
+                return
+            prompt, completion = counts
+        tokens = self.tokens
+        if prompt is not None:
+            tokens.observe((*key, "input"), prompt)
+        if completion is not None:
+            tokens.observe((*key, "output"), completion)
+            if first >= 0 and ok and completion > 1:
+                self.tpot.observe(key, (entry[_END] - first) / (completion - 1))
 
 
 # -- what the collector reads at scrape time --------------------------------------------------------

@@ -17,7 +17,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from proxy.metrics import Metrics, Observed, PoolView, breaker_level
+from proxy.metrics import Histogram, Metrics, Observed, PoolView, breaker_level
 
 
 class SidecarCollector(Collector):
@@ -27,27 +27,50 @@ class SidecarCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         metrics, observed = self.metrics, self.observed
-        labels = ["route", "upstream", "status"]
+        labels = ["route", "upstream", "model", "status"]
         requests = CounterMetricFamily(
-            "llm_sidecar_requests", "Requests answered, by route, upstream and status", labels=labels
+            "llm_sidecar_requests", "Requests answered, by route, upstream, model and status", labels=labels
         )
-        duration = HistogramMetricFamily(
+        for key, series in list(metrics.durations.series.items()):
+            requests.add_metric(_values(key), series.count)
+        yield requests
+        yield _histogram(
             "gen_ai_client_operation_duration_seconds",
             "Request complete → response complete, in seconds",
-            labels=labels,
-            unit="seconds",
+            labels,
+            metrics.durations,
         )
-        bounds = [_bound(b) for b in metrics.bounds] + ["+Inf"]
-        for (route, upstream, status), series in list(metrics.series.items()):
-            values = [route, upstream, str(status)]
-            requests.add_metric(values, series.count)
-            cumulative, total = [], 0
-            for bound, n in zip(bounds, series.buckets, strict=True):
-                total += n
-                cumulative.append((bound, float(total)))
-            duration.add_metric(values, cumulative, series.sum)
-        yield requests
-        yield duration
+        target = ["route", "upstream", "model"]
+        yield _histogram(
+            "gen_ai_server_time_to_first_token_seconds",
+            "Streams: request complete → first body chunk, in seconds",
+            target,
+            metrics.ttft,
+        )
+        yield _histogram(
+            "gen_ai_server_time_per_output_token_seconds",
+            "Streams: first body chunk → end, per output token after the first, in seconds",
+            target,
+            metrics.tpot,
+        )
+        yield _histogram(
+            "gen_ai_client_token_usage",
+            "Tokens of each answer, by gen_ai_token_type (input, output), from its usage",
+            [*target, "gen_ai_token_type"],
+            metrics.tokens,
+            unit="",
+        )
+        yield _histogram(
+            "llm_sidecar_overhead_seconds",
+            "The sidecar's own time per request: its duration less the time it waited on upstreams",
+            ["route", "upstream"],
+            metrics.overhead,
+        )
+        for counter in list(metrics.scope.counters.values()):
+            family = CounterMetricFamily(counter.name, counter.help, labels=list(counter.labels))
+            for key, n in list(counter.values.items()):
+                family.add_metric(list(key), n)
+            yield family
         refused = CounterMetricFamily(
             "llm_sidecar_requests_refused",
             "Requests the front refused before they were complete (malformed, too large, slow), by status",
@@ -119,8 +142,22 @@ def _pool_families(pools: Mapping[str, PoolView]) -> Iterator[Metric]:
         yield streams
 
 
-def _bound(b: float) -> str:
-    return repr(float(b))
+def _histogram(
+    name: str, help: str, labels: list[str], histogram: Histogram, unit: str = "seconds"
+) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, help, labels=labels, unit=unit)
+    bounds = [repr(b) for b in histogram.bounds] + ["+Inf"]
+    for key, series in list(histogram.series.items()):
+        cumulative, total = [], 0
+        for bound, n in zip(bounds, series.buckets, strict=True):
+            total += n
+            cumulative.append((bound, float(total)))
+        family.add_metric(_values(key), cumulative, series.sum)
+    return family
+
+
+def _values(key: tuple[object, ...]) -> list[str]:
+    return [str(v) for v in key]
 
 
 def registry_for(metrics: Metrics, observed: Observed) -> CollectorRegistry:

@@ -12,11 +12,12 @@ import importlib
 import inspect
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final
 
 from proxy.clock import Clock
+from proxy.metrics import MetricsScope
 from proxy.routing import Router
 
 BUILTIN: Final[Mapping[str, str]] = MappingProxyType(
@@ -43,6 +44,8 @@ class BuildContext:
     # Take over its state (buckets, breakers, budgets) rather than starting afresh; it keeps
     # serving its own requests in flight, and is not closed (its state lives on here).
     previous: Any = None
+    # Where its counters come from (``scope.counter(name, help, labels)``): rendered on /metrics.
+    metrics: MetricsScope = field(default_factory=MetricsScope)
 
 
 def resolve(type_name: str) -> Any:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import orjson
+
+# ctx.extra: a Usage that a middleware read (the access log and the metrics take it, no second parse)
+USAGE_KEY: Final = "usage"
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,3 +47,40 @@ def usage_of_json(body: bytes) -> Usage | None:
 
 def _count(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def tokens_in(source: bytes | tuple[bytes, bytes]) -> tuple[int | None, int | None] | None:
+    """(prompt, completion) tokens of a whole answer (``bytes``), or of the last two chunks of a
+    streamed one: an SSE stream's last ``usage`` event (a ``data:`` line); a JSON answer's
+    top-level ``usage``. Of a JSON answer only the ``usage`` member is parsed when it and what
+    follows close the top-level object (one ``}`` more than ``{`` from it to the end: it is not
+    nested), else the whole answer."""
+    tail = source if isinstance(source, bytes) else source[0] + source[1]
+    at = tail.rfind(b'"usage"')
+    if at < 0:
+        return None
+    start = tail.rfind(b"\n", 0, at) + 1
+    if tail.startswith(b"data:", start):  # an SSE event
+        stop = tail.find(b"\n", at)
+        return _counts(tail[start + 5 : stop if stop >= 0 else len(tail)])
+    rest = tail[at:]
+    if rest.count(b"{") + 1 == rest.count(b"}"):
+        counts = _counts(b"{" + rest)
+        if counts is not None:
+            return counts
+    return _counts(source) if isinstance(source, bytes) else None
+
+
+def _counts(data: bytes) -> tuple[int | None, int | None] | None:
+    try:
+        payload = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    usage = payload.get("usage") if type(payload) is dict else None
+    if type(usage) is not dict:
+        return None
+    prompt = usage.get("prompt_tokens")
+    completion = usage.get("completion_tokens")
+    if prompt is None and completion is None:  # the Responses API's names
+        prompt, completion = usage.get("input_tokens"), usage.get("output_tokens")
+    return _count(prompt), _count(completion)

@@ -41,6 +41,7 @@ from proxy.errors import ProxyError, RateLimited
 from proxy.forward import MODELS_PREFIX
 from proxy.http import Request, Response
 from proxy.identity import NO_LIMITS, KeyLimits, identity_of
+from proxy.metrics import REDIS_FAILURES, REDIS_FAILURES_HELP
 from proxy.registry import BuildContext
 from proxy.requested_model import model_and_json
 
@@ -63,13 +64,17 @@ class RateLimit:
         if isinstance(prev, RateLimit):
             self.backend = prev.backend  # a reload with this config unchanged: the buckets go on
         elif config.backend == "redis":
-            self.backend = RedisBackend(config, context.clock)
+            failures = context.metrics.counter(REDIS_FAILURES, REDIS_FAILURES_HELP, ["user"])
+            self.backend = RedisBackend(config, context.clock, failures=failures)
         else:
             self.backend = MemoryBackend(context.clock, config.max_buckets)
         # Bucket specs by per-key limits: one per distinct `limits:` of the configured keys.
         self._specs: dict[KeyLimits, LimitSpec] = {NO_LIMITS: config.spec(NO_LIMITS)}
         # The same by key id, checked by identity: hashing a KeyLimits per request costs more.
         self._by_key: dict[str, tuple[KeyLimits, LimitSpec]] = {}
+        self.refusals = context.metrics.counter(
+            "rate_limit_refusals", "Requests refused 429 by rate_limit, by the limit they hit", ["reason"]
+        )
 
     async def __call__(self, request: Request, next: Handler) -> Response:
         identity = identity_of(request)
@@ -102,6 +107,7 @@ class RateLimit:
         decision = ticket.decision
         headers = ratelimit_headers(spec, decision) if decision is not None else []
         if decision is not None and not decision.allowed:
+            self.refusals.inc((decision.reason,))
             raise RateLimited(
                 _message(decision, spec, model, key_id, reserved),
                 kind="tokens" if decision.reason in ("tokens", "too_large") else "requests",
@@ -139,6 +145,11 @@ class RateLimit:
             self._by_key.clear()
         self._by_key[key_id] = (limits, spec)
         return spec
+
+    def readiness(self) -> list[str]:
+        """/readyz: the Redis backend's last round trip failed (the memory backend is always ready)."""
+        problems = getattr(self.backend, "problems", None)
+        return problems() if problems is not None else []
 
     async def aclose(self) -> None:
         await self.backend.aclose()

@@ -50,6 +50,7 @@ from middleware.rate_limit.redis_batcher import (
 from middleware.rate_limit.redis_conn import Endpoint
 from proxy.clock import Clock
 from proxy.errors import RateLimiterUnavailable
+from proxy.metrics import Counter
 
 log = logging.getLogger("llm_sidecar.rate_limit")
 
@@ -59,7 +60,13 @@ MIN_FLUSH_S: Final = 0.005  # without lease_ms, settlements still gather this lo
 
 
 class RedisBackend:
-    def __init__(self, config: RateLimitConfig, clock: Clock, now: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self,
+        config: RateLimitConfig,
+        clock: Clock,
+        now: Callable[[], float] | None = None,
+        failures: Counter | None = None,
+    ) -> None:
         rc = config.redis
         timeout_s = rc.timeout_ms / 1000
         # No retries: a script call may have run although its answer was lost, so sending it again
@@ -67,6 +74,8 @@ class RedisBackend:
         self.batcher = ScriptBatcher(Endpoint(rc.url), rc.max_connections, timeout_s, self._outcome)
         self.breaker = Breaker(rc.breaker_failures, rc.breaker_open_s, clock)
         self.clock = clock
+        self.failures = failures if failures is not None else Counter("redis_failures", "", ("user",))
+        self._last_error: tuple[float, str] | None = None  # when and how the last round trip failed
         self.deny = config.on_redis_error == "deny"
         self.prefix = rc.key_prefix
         self.lease = b"%r" % rc.in_flight_lease_s
@@ -372,13 +381,29 @@ class RedisBackend:
             )
         return Ticket(ask, None)
 
+    def problems(self) -> list[str]:
+        """Not ready while the last round trip failed (an idle sidecar learns it with its next request)."""
+        failed = self._last_error
+        if failed is None:
+            return []
+        at, what = failed
+        then = "denied (503)" if self.deny else "allowed without limits"
+        ago = self.clock.now() - at
+        return [
+            f"Redis at {self._where}: the last round trip failed {ago:.1f} s ago ({what}); requests {then}"
+        ]
+
     def _outcome(self, error: BaseException | None, calls: int) -> None:
         """Every failed round trip is logged (at most ``breaker_failures`` per ``breaker_open_s``
         while Redis is down: the open breaker stops the calls), and so is the recovery."""
         if error is None:
+            self._last_error = None
             if self.breaker.success():
                 log.warning("rate_limit: Redis at %s answers again; limits are enforced", self._where)
             return
+        what = f"{type(error).__name__}: {error or 'no answer in time'}"
+        self._last_error = (self.clock.now(), what)
+        self.failures.inc(("rate_limit",))
         opened = self.breaker.failure()
         log.warning(
             "rate_limit: Redis at %s failed (%s: %s): %d calls lost, requests %s%s",

@@ -65,17 +65,19 @@ def test_metrics_count_the_requests_made(mock: MockProcess, tmp_path: Path) -> N
         assert httpx.get(sidecar.url + "/healthz").status_code == 200  # answered by the sidecar: not counted
 
         m = scrape(url)
-        ok = labels(route="demo-model", upstream="mock", status="200")
+        ok = labels(route="demo-model", upstream="mock", model="mock-model-v1", status="200")
         assert m[("llm_sidecar_requests_total", ok)] == 6
         # An unknown model is not a route: counted with its status, under route "" (bounded labels).
-        not_found = labels(route="", upstream="", status="404")
+        not_found = labels(route="", upstream="", model="", status="404")
         assert m[("llm_sidecar_requests_total", not_found)] == 1
         assert m[("gen_ai_client_operation_duration_seconds_count", ok)] == 6
         assert m[("gen_ai_client_operation_duration_seconds_count", not_found)] == 1
         assert m[("gen_ai_client_operation_duration_seconds_bucket", labels(**dict(ok), le="+Inf"))] == 6
         assert m[("gen_ai_client_operation_duration_seconds_sum", ok)] > 0
         buckets = [
-            v for (name, ls), v in m.items() if name.endswith("_bucket") and dict(ls)["status"] == "200"
+            v
+            for (name, ls), v in m.items()
+            if name == "gen_ai_client_operation_duration_seconds_bucket" and dict(ls)["status"] == "200"
         ]
         assert len(buckets) == 8  # the default 7 bounds and +Inf
         assert m[("llm_sidecar_requests_in_flight", ())] == 0
@@ -118,7 +120,13 @@ def test_readyz_turns_503_when_the_only_breaker_opens_and_back(mock: MockProcess
         m = scrape(url)
         assert m[("llm_sidecar_breaker_state", labels(upstream="mock"))] == 2
         assert (
-            m[("llm_sidecar_requests_total", labels(route="demo-model", upstream="mock", status="500"))] == 2
+            m[
+                (
+                    "llm_sidecar_requests_total",
+                    labels(route="demo-model", upstream="mock", model="mock-model-v1", status="500"),
+                )
+            ]
+            == 2
         )
 
         while time.monotonic() < opened + 2.5:  # open_s later, the next call would be a probe
@@ -189,7 +197,7 @@ def test_http2_requests_are_counted_alike(mock: MockProcess, tmp_path: Path) -> 
                 )
             assert http.get(sidecar.url + "/healthz").http_version == "HTTP/2"
             m = scrape(url)
-            ok = labels(route="demo-model", upstream="mock", status="200")
+            ok = labels(route="demo-model", upstream="mock", model="mock-model-v1", status="200")
             assert m[("llm_sidecar_requests_total", ok)] == 6
             assert m[("gen_ai_client_operation_duration_seconds_count", ok)] == 6
             assert m[("llm_sidecar_requests_in_flight", ())] == 0
@@ -206,7 +214,7 @@ def test_a_stream_is_timed_to_its_end(mock: MockProcess, tmp_path: Path) -> None
         )
         assert sum(1 for _ in stream) >= 4
         m = scrape(url)
-        ok = labels(route="demo-model", upstream="mock", status="200")
+        ok = labels(route="demo-model", upstream="mock", model="mock-model-v1", status="200")
         assert m[("gen_ai_client_operation_duration_seconds_sum", ok)] >= 0.3
         assert m[("gen_ai_client_operation_duration_seconds_bucket", labels(**dict(ok), le="0.25"))] == 0
         assert m[("gen_ai_client_operation_duration_seconds_bucket", labels(**dict(ok), le="2.5"))] == 1
@@ -283,8 +291,16 @@ def test_a_route_added_by_a_reload_is_labelled_with_its_name(mock: MockProcess, 
         assert sidecar.reload(minimal_config(mock.url, extra=added + ADMIN))
         client.chat.completions.create(model="added", messages=MESSAGES)
         m = scrape(url)
-        assert m[("llm_sidecar_requests_total", labels(route="", upstream="", status="404"))] == 1
-        assert m[("llm_sidecar_requests_total", labels(route="added", upstream="mock", status="200"))] == 1
+        assert m[("llm_sidecar_requests_total", labels(route="", upstream="", model="", status="404"))] == 1
+        assert (
+            m[
+                (
+                    "llm_sidecar_requests_total",
+                    labels(route="added", upstream="mock", model="added-v1", status="200"),
+                )
+            ]
+            == 1
+        )
 
 
 def test_the_admin_port_answers_what_it_does_not_serve_clearly(mock: MockProcess, tmp_path: Path) -> None:
@@ -306,3 +322,125 @@ def test_the_admin_port_answers_what_it_does_not_serve_clearly(mock: MockProcess
         with httpx.Client() as client:  # keep-alive: many scrapes on one connection
             for _ in range(20):
                 assert client.get(url + "/metrics").status_code == 200
+
+
+def test_tokens_and_stream_timings_match_what_the_client_saw(mock: MockProcess, tmp_path: Path) -> None:
+    """gen_ai_client_token_usage sums equal the usage the mock reported (whole answers and streams
+    with include_usage); one time-to-first-token and one time-per-output-token observation per
+    stream, none for a whole answer; the overhead histogram counts every request."""
+    with SidecarProcess(minimal_config(mock.url, extra=ADMIN), tmp_path) as sidecar:
+        url = admin_url(sidecar)
+        client = OpenAI(base_url=sidecar.base_url, api_key="x", max_retries=0)
+        prompt = completion = 0
+        for _ in range(3):
+            answer = client.chat.completions.create(model="demo-model", messages=MESSAGES)
+            assert answer.usage is not None
+            prompt += answer.usage.prompt_tokens
+            completion += answer.usage.completion_tokens
+        paced = {"x-mock-chunks": "5", "x-mock-delay-ms": "20"}
+        for _ in range(2):
+            stream = client.chat.completions.create(
+                model="demo-model",
+                messages=MESSAGES,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_headers=paced,
+            )
+            usage = [c.usage for c in stream if c.usage is not None]
+            assert len(usage) == 1
+            prompt += usage[0].prompt_tokens
+            completion += usage[0].completion_tokens
+        m = scrape(url)
+        target = {"route": "demo-model", "upstream": "mock", "model": "mock-model-v1"}
+        tokens = "gen_ai_client_token_usage"
+        assert m[(f"{tokens}_sum", labels(**target, gen_ai_token_type="input"))] == prompt
+        assert m[(f"{tokens}_sum", labels(**target, gen_ai_token_type="output"))] == completion
+        assert m[(f"{tokens}_count", labels(**target, gen_ai_token_type="output"))] == 5
+        ttft = m[("gen_ai_server_time_to_first_token_seconds_count", labels(**target))]
+        assert ttft == 2
+        tpot_count = m[("gen_ai_server_time_per_output_token_seconds_count", labels(**target))]
+        tpot_sum = m[("gen_ai_server_time_per_output_token_seconds_sum", labels(**target))]
+        assert tpot_count == 2 and 0 < tpot_sum < 1
+        overhead = labels(route="demo-model", upstream="mock")
+        assert m[("llm_sidecar_overhead_seconds_count", overhead)] == 5
+        # the sidecar's own time is well under the streams' 5 × 20 ms of upstream pacing
+        assert m[("llm_sidecar_overhead_seconds_sum", overhead)] < 0.2
+
+
+def test_server_timing_splits_the_sidecars_time_from_the_upstreams(mock: MockProcess, tmp_path: Path) -> None:
+    config = minimal_config(mock.url, extra="server_timing: true\n")
+    with SidecarProcess(config, tmp_path) as sidecar:
+        slow = httpx.post(
+            sidecar.base_url + "/chat/completions",
+            json={"model": "demo-model", "messages": MESSAGES},
+            headers={"x-mock-first-byte-ms": "150"},
+        )
+        assert slow.status_code == 200
+        timing = dict(part.strip().split(";dur=") for part in slow.headers["server-timing"].split(","))
+        assert float(timing["upstream"]) >= 150 > float(timing["proxy"])
+        missing = httpx.post(sidecar.base_url + "/chat/completions", json={"model": "nope"})
+        assert missing.status_code == 404
+        assert "upstream;dur=0.000" in missing.headers["server-timing"]
+    with SidecarProcess(minimal_config(mock.url), tmp_path) as sidecar:  # off by default
+        plain = httpx.post(
+            sidecar.base_url + "/chat/completions", json={"model": "demo-model", "messages": MESSAGES}
+        )
+        assert "server-timing" not in plain.headers
+
+
+def test_middleware_counters_reach_metrics_and_survive_a_reload(mock: MockProcess, tmp_path: Path) -> None:
+    """retry's retries and refusals and rate_limit's refusals, by reason, through BuildContext.metrics;
+    a reload with the same middleware keeps counting on the same series."""
+    chain = (
+        "middleware:\n"
+        "  - {type: retry, attempts: 2, base_s: 0.001, cap_s: 0.001}\n"
+        "  - {type: rate_limit, requests_per_minute: 60, burst: 0.05}  # a bucket of 3\n"
+    )
+    with SidecarProcess(minimal_config(mock.url, extra=chain + ADMIN), tmp_path) as sidecar:
+        url = admin_url(sidecar)
+        client = OpenAI(base_url=sidecar.base_url, api_key="x", max_retries=0)
+        failing = {"x-mock-status": "503"}
+        with pytest.raises(openai.InternalServerError):
+            client.chat.completions.create(model="demo-model", messages=MESSAGES, extra_headers=failing)
+        client.chat.completions.create(model="demo-model", messages=MESSAGES)
+        with pytest.raises(openai.RateLimitError):
+            for _ in range(5):
+                client.chat.completions.create(model="demo-model", messages=MESSAGES)
+        m = scrape(url)
+        assert m[("llm_sidecar_retries_total", labels(upstream="mock"))] == 1
+        assert m[("llm_sidecar_retry_refusals_total", labels(reason="attempts"))] == 1
+        assert m[("llm_sidecar_rate_limit_refusals_total", labels(reason="requests"))] == 1
+        assert sidecar.reload(minimal_config(mock.url, extra=chain + ADMIN))
+        with pytest.raises(openai.RateLimitError):
+            client.chat.completions.create(model="demo-model", messages=MESSAGES)
+        m = scrape(url)
+        assert m[("llm_sidecar_rate_limit_refusals_total", labels(reason="requests"))] == 2
+        assert m[("llm_sidecar_retries_total", labels(upstream="mock"))] == 1
+
+
+def test_a_dead_redis_makes_the_sidecar_unready_and_is_counted(mock: MockProcess, tmp_path: Path) -> None:
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    port = dead.getsockname()[1]
+    chain = (
+        "middleware:\n"
+        "  - type: rate_limit\n"
+        "    backend: redis\n"
+        f'    redis: {{url: "redis://:hunter2@127.0.0.1:{port}/0", timeout_ms: 200}}\n'
+        "    requests_per_minute: 600\n"
+    )
+    try:
+        with SidecarProcess(minimal_config(mock.url, extra=chain + ADMIN), tmp_path) as sidecar:
+            url = admin_url(sidecar)
+            assert httpx.get(url + "/readyz").status_code == 200  # nothing has failed yet
+            client = OpenAI(base_url=sidecar.base_url, api_key="x", max_retries=0)
+            client.chat.completions.create(model="demo-model", messages=MESSAGES)  # allowed unchecked
+            ready = httpx.get(url + "/readyz")
+            assert ready.status_code == 503
+            (problem,) = ready.json()["problems"]
+            assert problem.startswith(f"middleware rate_limit: Redis at 127.0.0.1:{port}: the last round")
+            assert "hunter2" not in ready.text
+            m = scrape(url)
+            assert m[("llm_sidecar_redis_failures_total", labels(user="rate_limit"))] >= 1
+    finally:
+        dead.close()

@@ -378,7 +378,8 @@ def test_access_log_has_one_line_per_request(mock: MockProcess, tmp_path: Path) 
         client.chat.completions.create(model="demo-model", messages=HI, extra_headers={"x-request-id": "r-1"})
         with pytest.raises(openai.NotFoundError):
             client.chat.completions.create(model="nope", messages=HI, extra_headers={"x-request-id": "r-2"})
-        lines = [x for x in sidecar.logs().splitlines() if "llm_sidecar.access" in x]
+        logs = sidecar.wait_log(" r-2 127.0.0.1:")  # written by the log thread a moment later
+        lines = [x for x in logs.splitlines() if "llm_sidecar.access" in x]
     assert len(lines) == 2
     assert " r-1 127.0.0.1:" in lines[0] and '"POST /v1/chat/completions" 200 mock/mock-model-v1 ' in lines[0]
     assert '"POST /v1/chat/completions" 404 - ' in lines[1]

@@ -165,7 +165,7 @@ def test_unknown_key_lists_the_known_ones() -> None:
 def test_source_cannot_be_set_from_yaml() -> None:
     assert problems(MINIMAL + "source: elsewhere.yaml\n") == [
         "config.yaml:8: source: unknown key 'source' (known: upstreams, routes, listen, limits,"
-        " http2, default_upstream, middleware, log, admin, drain_timeout_s)"
+        " http2, default_upstream, middleware, log, admin, drain_timeout_s, server_timing)"
     ]
 
 

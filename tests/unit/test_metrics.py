@@ -119,9 +119,9 @@ async def test_each_request_is_counted_once_with_its_duration_when_complete() ->
     driver.done(health)  # answered by the sidecar, never by the chain: not counted
 
     m = scrape(metrics, observed)
-    ok = {"route": "chat", "upstream": "a", "status": "200"}
+    ok = {"route": "chat", "upstream": "a", "model": "chat-v1", "status": "200"}
     assert m[("llm_sidecar_requests_total", labels(**ok))] == 3
-    assert m[("llm_sidecar_requests_total", labels(route="", upstream="", status="404"))] == 1
+    assert m[("llm_sidecar_requests_total", labels(route="", upstream="", model="", status="404"))] == 1
     assert m[("gen_ai_client_operation_duration_seconds_count", labels(**ok))] == 3
     assert m[("gen_ai_client_operation_duration_seconds_sum", labels(**ok))] == pytest.approx(3.9)
     cumulative = {
@@ -155,7 +155,7 @@ async def test_a_client_gone_before_the_chain_answers_counts_as_499() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     m = scrape(metrics, observed)
-    gone = labels(route="chat", upstream="a", status="499")
+    gone = labels(route="chat", upstream="a", model="chat-v1", status="499")
     assert m[("llm_sidecar_requests_total", gone)] == 1
     assert m[("gen_ai_client_operation_duration_seconds_sum", gone)] == 1.5
     assert len(metrics._answered) == 0
@@ -268,3 +268,75 @@ def test_readiness_adds_what_middleware_report() -> None:
         "route one: no target available (breaker of upstream a open)",
         "middleware rate_limit: Redis at 127.0.0.1:6379 has not answered for 12 s",
     ]
+
+
+def test_a_scope_gives_the_same_counter_to_a_name_asked_again() -> None:
+    _, metrics, observed = make(FakeClock())
+    retries = metrics.scope.counter("retries", "help", ["upstream"])
+    retries.inc(("a",))
+    assert metrics.scope.counter("retries", "help", ["upstream"]) is retries  # a reload's successor
+    retries.inc(("a",), 2)
+    with pytest.raises(ValueError, match="labels"):
+        metrics.scope.counter("retries", "help", ["route"])
+    assert scrape(metrics, observed)[("llm_sidecar_retries_total", labels(upstream="a"))] == 3
+
+
+def _entry(
+    ctx: object, status: int, usage: object, first: float, end: float, outcome: str | None = None
+) -> tuple[object, ...]:
+    # the AccessEntry positions Metrics.outcome reads (proxy/access_log.py)
+    return (
+        0.0,
+        ctx,
+        "POST",
+        "/v1/chat/completions",
+        "chat",
+        status,
+        None,
+        outcome,
+        0,
+        0,
+        usage,
+        first,
+        end,
+        None,
+        None,
+    )
+
+
+async def test_outcomes_give_tokens_and_stream_timings() -> None:
+    clock = FakeClock()
+    driver, metrics, observed = make(clock)
+    r = request(driver, "chat")
+    r.ctx.target = Target("a", "chat-v1", 1.0)
+    start = r.ctx.started
+    whole = b'{"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}}'
+    metrics.outcome(_entry(r.ctx, 200, whole, -1.0, start + 1))
+    events = (
+        b'data: {"choices": [{"delta": {}}]}\n\n',
+        b'data: {"usage": {"prompt_tokens": 5, "completion_tokens": 11}}\n\n',
+    )
+    metrics.outcome(_entry(r.ctx, 200, events, start + 0.25, start + 1.25))
+    metrics.outcome(_entry(r.ctx, 200, None, start + 0.5, start + 2, outcome="client_closed"))
+    m = scrape(metrics, observed)
+    target = {"route": "chat", "upstream": "a", "model": "chat-v1"}
+    assert m[("gen_ai_client_token_usage_sum", labels(**target, gen_ai_token_type="input"))] == 12
+    assert m[("gen_ai_client_token_usage_sum", labels(**target, gen_ai_token_type="output"))] == 14
+    # one TTFT: the stream that ended well (the whole answer has none, the cut one is not counted)
+    assert m[("gen_ai_server_time_to_first_token_seconds_count", labels(**target))] == 1
+    assert m[("gen_ai_server_time_to_first_token_seconds_sum", labels(**target))] == pytest.approx(0.25)
+    # 1 s from the first chunk over the 10 tokens after the first
+    assert m[("gen_ai_server_time_per_output_token_seconds_sum", labels(**target))] == pytest.approx(0.1)
+
+
+async def test_overhead_is_the_duration_less_the_upstream_time() -> None:
+    clock = FakeClock()
+    driver, metrics, observed = make(clock)
+    r = request(driver, "chat")
+    await driver.respond(r)
+    r.ctx.upstream_s = 0.75  # what the forwarder counted
+    r.ctx.upstream_at = clock.now()
+    clock.advance(1.0)
+    driver.done(r)
+    m = scrape(metrics, observed)
+    assert m[("llm_sidecar_overhead_seconds_sum", labels(route="chat", upstream="a"))] == pytest.approx(0.25)
