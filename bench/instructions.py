@@ -2,6 +2,7 @@
 move with the machine's load, for before/after comparisons of hot-path changes on a busy machine.
 
     python -m bench.instructions [--middleware off|rate_limit] [--conns 8] [--requests 1000] [--out F]
+                                 [--extra 'admin: {enabled: false}']
 
 Starts the mock (CPU 0) and one sidecar under ``valgrind --tool=callgrind --instr-atstart=no`` (CPU
 1; with ``rate_limit``: the ``auth`` + Redis ``rate_limit`` of bench/ratelimit.py, against the Redis
@@ -58,7 +59,7 @@ async def _load(port: int, requests: int, conns: int) -> None:
     await asyncio.gather(*(_client(port, requests // conns, raw) for _ in range(conns)))
 
 
-def count(middleware: str, conns: int, requests: int, keep: Path | None = None) -> float:
+def count(middleware: str, conns: int, requests: int, keep: Path | None = None, extra: str = "") -> float:
     """Instructions per request of one sidecar (see the module docstring)."""
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         raise BenchError("valgrind is needed: apt-get install -y valgrind")
@@ -73,7 +74,7 @@ def count(middleware: str, conns: int, requests: int, keep: Path | None = None) 
             config += MIDDLEWARE.format(key=API_KEY, url=redis_url, prefix=prefix).replace(
                 "key_prefix:", "timeout_ms: 5000, key_prefix:"
             )
-        (workdir / "sidecar.yaml").write_text(config)
+        (workdir / "sidecar.yaml").write_text(config + extra + "\n")
         out = workdir / "callgrind.out"
         argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
         argv += [sys.executable, "-m", "proxy", "--config", str(workdir / "sidecar.yaml")]
@@ -104,9 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--conns", type=int, default=8)
     p.add_argument("--requests", type=int, default=1000)
     p.add_argument("--out", type=Path, help="keep callgrind's output here (for callgrind_annotate)")
+    p.add_argument("--extra", default="", help="YAML appended to the sidecar's config (top-level keys)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        per_request = count(args.middleware, args.conns, args.requests, args.out)
+        per_request = count(args.middleware, args.conns, args.requests, args.out, args.extra)
     except (BenchError, OSError, subprocess.SubprocessError) as e:
         say(f"failed: {e}")
         return 1

@@ -37,27 +37,31 @@ from proxy.config import LogConfig
 from proxy.errors import ProxyError
 from proxy.http import PipeableBody, Request, Response
 from proxy.requested_model import read_model
-from proxy.usage import USAGE_KEY, Usage, tokens_in
+from proxy.usage import USAGE_KEY, Tokens, Usage, tokens_in
 
 ACCESS_LOGGER: Final = "llm_sidecar.access"
 MAX_BODY_LOGGED: Final = 64 * 1024  # log.bodies: each body is cut here, with a marker
 MAX_USAGE_BODY: Final = 1024 * 1024  # a whole answer up to this size is parsed for its usage
+USAGE_AT: Final = 10  # AccessEntry's usage source
 CACHE_KEY: Final = "cache"  # ctx.extra: the cache's result for this request (hit, miss, …)
 CLIENT_CLOSED: Final = "client_closed"
 UPSTREAM_FAILED: Final = "upstream_failed"
 CLIENT_CLOSED_STATUS: Final = 499  # no answer went out: the client left while the chain worked
 
 # (wall time, ctx, method, path, route, status, error_type, outcome, bytes in, bytes out,
-#  usage source, first chunk time, end time, request body, response body):
+#  usage source (the answer, its last two chunks, or the Tokens read from them), first chunk time,
+#  end time, request body, response body):
 # references and numbers put together on the loop, read in the log thread by access_fields.
 AccessEntry = tuple[Any, ...]
-AccessSink = Callable[[AccessEntry], None]
+AccessSink = Callable[[AccessEntry], object]  # (what it returns is not used)
 
 log = logging.getLogger(ACCESS_LOGGER)
 
 
 class AccessLog:
-    """The middleware (first in the chain, so that it sees every status the chain answers).
+    """The accounting of each answer the chain gives: called by the request driver
+    (:meth:`answered` and :meth:`raised`, no coroutine frame of its own per request), or used as a
+    middleware (:meth:`__call__`, the same two steps around ``next``).
 
     ``sink``: where entries go; :meth:`proxy.logs.LogHandle.access` is the cheap one. Without it an
     entry becomes a record of the ``llm_sidecar.access`` logger (works with any handler, costs a
@@ -80,20 +84,26 @@ class AccessLog:
         body_in = request.body  # the client's, before any middleware rewrites it
         try:
             response = await next(request)
-        except ProxyError as e:
-            self.emit(request, body_in, e.status, e.code or e.type, None, 0, None, -1.0, None)
+        except BaseException as e:
+            self.raised(request, e, body_in)
             raise
-        except asyncio.CancelledError:
-            if request.ctx.disconnected:
-                self.emit(request, body_in, CLIENT_CLOSED_STATUS, None, CLIENT_CLOSED, 0, None, -1.0, None)
-            else:  # a cancellation inside the chain: the driver answers 500
-                self.emit(request, body_in, 500, "internal_error", None, 0, None, -1.0, None)
-            raise
-        except Exception:
+        self.answered(request, response, body_in)
+        return response
+
+    def raised(self, request: Request, exc: BaseException, body_in: bytes) -> None:
+        """The chain raised ``exc`` instead of answering: its line now (the driver answers it)."""
+        if isinstance(exc, ProxyError):
+            self.emit(request, body_in, exc.status, exc.code or exc.type, None, 0, None, -1.0, None)
+        elif isinstance(exc, asyncio.CancelledError) and request.ctx.disconnected:
+            self.emit(request, body_in, CLIENT_CLOSED_STATUS, None, CLIENT_CLOSED, 0, None, -1.0, None)
+        else:  # a cancellation inside the chain, or a bug: the driver answers 500
             self.emit(request, body_in, 500, "internal_error", None, 0, None, -1.0, None)
-            raise
+
+    def answered(self, request: Request, response: Response, body_in: bytes) -> None:
+        """A complete answer gets its line now; a streamed one is wrapped to count what it sends,
+        and gets its line at its end. ``body_in``: the client's request body."""
         body = response.body
-        if isinstance(body, bytes):  # complete: its line now (inline: this is the common case)
+        if isinstance(body, bytes):  # complete (inline: this is the common case)
             bodies = self.bodies
             self.sink(
                 (
@@ -118,7 +128,6 @@ class AccessLog:
             response.body = AccessBody(cast(PipeableBody, body), self, request, body_in, response)
         else:
             response.body = tap_body(body, StreamTap(self, request, body_in, response))
-        return response
 
     def emit(
         self,
@@ -323,8 +332,8 @@ def access_fields(entry: AccessEntry, stamp: str | None = None) -> dict[str, Any
     if isinstance(usage, Usage):
         fields["tokens_in"] = usage.prompt_tokens
         fields["tokens_out"] = usage.completion_tokens
-    elif usage_source is not None:
-        tokens = tokens_in(usage_source)
+    elif usage_source is not None:  # (Tokens: read already, by the metrics)
+        tokens = usage_source if type(usage_source) is Tokens else tokens_in(usage_source)
         if tokens is not None:
             fields["tokens_in"], fields["tokens_out"] = tokens
     if first_chunk >= 0:

@@ -21,7 +21,7 @@ from collections.abc import Coroutine, Mapping
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from proxy.access_log import AccessEntry, AccessLog, AccessSink, log_record_sink
+from proxy.access_log import USAGE_AT, AccessEntry, AccessLog, AccessSink, log_record_sink
 from proxy.chain import Handler, compose
 from proxy.clock import Clock, MonotonicClock
 from proxy.config import Config, RouteConfig
@@ -100,6 +100,7 @@ class App:
         self.build = self._build(config, upstreams, None)
         self.front = Front(self.build.handler, config.limits, self.clock, loop, config.listen.max_connections)
         self.front.driver.server_timing = config.server_timing
+        self.front.driver.access = self._access(config)
         if config.http2.enabled:
             self.front.h2_factory = partial(H2Connection, self.front, config.http2)
         self.server: asyncio.Server | None = None
@@ -147,11 +148,14 @@ class App:
             )
             middleware.append(entry.factory(entry.config, ctx))
             carried.append(prev)
-        chain: list[Any] = list(middleware)
+        return Build(config, upstreams, router, middleware, carried, compose(middleware, forwarder))
+
+    def _access(self, config: Config) -> AccessLog | None:
+        """The driver's accounting of each answer: for the access log's lines, the metrics, or both."""
         sink = self._outcome_sink(config.log.access_log)
-        if sink is not None:  # first, so it sees every status the chain returns
-            chain.insert(0, AccessLog(self.clock, config.log if config.log.access_log else None, sink))
-        return Build(config, upstreams, router, middleware, carried, compose(chain, forwarder))
+        if sink is None:
+            return None
+        return AccessLog(self.clock, config.log if config.log.access_log else None, sink)
 
     def _outcome_sink(self, access_log: bool) -> AccessSink | None:
         """Where the body tap's entries go: the access log's lines, the metrics, or both."""
@@ -164,7 +168,9 @@ class App:
             return outcome
 
         def both(entry: AccessEntry) -> None:
-            outcome(entry)
+            tokens = outcome(entry)
+            if tokens is not None:  # read once: the log thread takes them as they are
+                entry = (*entry[:USAGE_AT], tokens, *entry[USAGE_AT + 1 :])
             lines(entry)
 
         return both
@@ -203,6 +209,7 @@ class App:
         self.front.limits = config.limits  # (new connections)
         self.front.driver.limits = config.limits
         self.front.driver.server_timing = config.server_timing
+        self.front.driver.access = self._access(config)
         retired = self.front.driver.swap(build.handler)
         gone = [pool for name, pool in old.upstreams.items() if upstreams.get(name) is not pool]
         self._retired[id(old)] = (old, build, gone)

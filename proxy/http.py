@@ -66,6 +66,7 @@ class RequestContext:
     __slots__ = (
         "_extra",
         "attempt",
+        "body_in",
         "build",
         "client",
         "disconnected",
@@ -83,6 +84,8 @@ class RequestContext:
         self.request_id = request_id
         self.client = client  # "host:port" of the peer
         self.started = started  # clock time the request was complete
+        # The client's body as it came (set by the driver; a middleware may rewrite request.body).
+        self.body_in = b""
         self.identity: str | None = None  # API key id, set by auth
         self.tenant: str | None = None  # tenant id, set by auth
         self.target: Any = None  # proxy.routing.Target chosen for this attempt (canary/retry may set it)

@@ -8,6 +8,11 @@
 :meth:`LogHandle.access` without making a ``LogRecord`` at all, and are formatted by the listener
 too.
 
+Lines are written in batches, as nginx's ``access_log … flush=`` does: a put never wakes the
+listener (a wake-up per line, a thread switch and a write per request, cost a mostly idle sidecar
+more CPU than the request itself); the listener wakes every ``flush_s`` (0.1 s) and writes what
+gathered in one write. Warnings and errors wake it at once, and so does a queue half full.
+
 The queue is bounded. A full queue never blocks the loop: the line is dropped and counted, and
 the listener says how many were dropped (a warning line at most every ``report_s``, and at
 close). A record's arguments are formatted in the listener thread, a moment later: log values,
@@ -31,7 +36,7 @@ from proxy.access_log import ACCESS_LOGGER, AccessEntry, access_fields, access_t
 from proxy.config import LogConfig
 
 QUEUE_SIZE: Final = 10_000  # lines waiting for the listener; beyond it lines are dropped
-BATCH_S: Final = 0.001  # after writing a batch the listener waits this long for more (fewer writes)
+FLUSH_S: Final = 0.1  # the listener writes what gathered this often (sooner: a warning, a half-full queue)
 REPORT_S: Final = 10.0  # at most one "lines dropped" warning per this many seconds
 FLUSH_LINES: Final = 512  # a batch is written once it has this many lines
 
@@ -50,16 +55,18 @@ class LogQueue:
     """A bounded FIFO that the loop puts into without blocking, taking a lock or formatting.
 
     ``put_nowait`` appends to a deque (atomic under the GIL) unless ``maxsize`` items wait, in
-    which case it counts a drop; it wakes the listener only when the listener sleeps. The count is
-    approximate when several threads drop at once (it is a plain integer).
+    which case it counts a drop; it wakes a sleeping listener only once half of ``maxsize`` items
+    wait (:meth:`put_urgent` wakes it at once). The count is approximate when several threads drop
+    at once (it is a plain integer).
     """
 
-    __slots__ = ("_items", "_sleeping", "_wake", "dropped", "maxsize")
+    __slots__ = ("_items", "_sleeping", "_wake", "_wake_at", "dropped", "maxsize")
 
     def __init__(self, maxsize: int = QUEUE_SIZE) -> None:
         if maxsize < 1:
             raise ValueError(f"log queue size must be ≥ 1, got {maxsize}")
         self.maxsize = maxsize
+        self._wake_at = max(1, maxsize // 2)
         self.dropped = 0
         self._items: deque[Any] = deque()
         self._sleeping = False
@@ -72,6 +79,12 @@ class LogQueue:
             self.dropped += 1
             return
         items.append(item)
+        if self._sleeping and len(items) >= self._wake_at:
+            self._notify()
+
+    def put_urgent(self, item: Any) -> None:
+        """Like :meth:`put_nowait`, and the listener writes it now (a warning, an error)."""
+        self.put_nowait(item)
         if self._sleeping:
             self._notify()
 
@@ -95,9 +108,10 @@ class LogQueue:
             return _EMPTY
 
     def wait(self, timeout: float) -> None:
-        """Sleep until an item is put or ``timeout`` passes (listener thread only)."""
+        """Sleep for ``timeout``, or until woken by an urgent line or a half-full queue (listener
+        thread only)."""
         self._sleeping = True
-        if not self._items:
+        if len(self._items) < self._wake_at:
             self._wake.acquire(timeout=timeout)
         self._sleeping = False
 
@@ -108,6 +122,14 @@ class LogQueue:
 class RawQueueHandler(logging.handlers.QueueHandler):
     """Puts the record on the queue as it is: message, arguments and exception are formatted by
     the listener (the stdlib's ``prepare`` formats here, on the caller's thread)."""
+
+    queue: LogQueue
+
+    def enqueue(self, record: Any) -> None:
+        if type(record) is tuple or record.levelno < logging.WARNING:
+            self.queue.put_nowait(record)
+        else:
+            self.queue.put_urgent(record)
 
     def prepare(self, record: logging.LogRecord) -> Any:
         # An access record (proxy.access_log.log_record_sink) travels as its raw entry.
@@ -200,14 +222,14 @@ class LogListener(logging.handlers.QueueListener):
         queue: LogQueue,
         writer: LineWriter,
         *,
-        batch_s: float = BATCH_S,
+        flush_s: float = FLUSH_S,
         report_s: float = REPORT_S,
         now: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(queue, writer)
         self.log_queue = queue
         self.writer = writer
-        self.batch_s = batch_s
+        self.flush_s = flush_s
         self.report_s = report_s
         self.now = now
         self.reported = 0  # drops already reported
@@ -220,13 +242,11 @@ class LogListener(logging.handlers.QueueListener):
             return item
         self.writer.flush()  # the end of a batch: one write for all of it
         self.report_drops()
-        if self.batch_s > 0:
-            time.sleep(self.batch_s)  # busy: let more lines gather before the next write
         while True:
+            q.wait(self.flush_s)  # lines gather meanwhile (a put does not wake it)
             item = q.get()
             if item is not _EMPTY:
                 return item
-            q.wait(self.report_s)
             self.report_drops()
 
     def handle(self, record: Any) -> None:
@@ -307,7 +327,7 @@ def configure_logging(
     stream: IO[str] | None = None,
     *,
     queue_size: int = QUEUE_SIZE,
-    batch_s: float = BATCH_S,
+    flush_s: float = FLUSH_S,
     report_s: float = REPORT_S,
 ) -> LogHandle:
     """Route all logging through a bounded queue to a writer thread on ``stream`` (stderr).
@@ -317,7 +337,7 @@ def configure_logging(
     """
     queue = LogQueue(queue_size)
     writer = LineWriter(stream if stream is not None else sys.stderr, cfg.format)
-    listener = LogListener(queue, writer, batch_s=batch_s, report_s=report_s)
+    listener = LogListener(queue, writer, flush_s=flush_s, report_s=report_s)
     handler = RawQueueHandler(queue)
     root = logging.getLogger()
     handle = LogHandle(queue, handler, listener)

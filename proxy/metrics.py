@@ -44,7 +44,7 @@ from proxy.clock import Clock
 from proxy.errors import ProxyError
 from proxy.http import Request
 from proxy.requested_model import read_model
-from proxy.usage import USAGE_KEY, Usage, tokens_in
+from proxy.usage import USAGE_KEY, Tokens, Usage, tokens_in
 
 DEFAULT_DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # The OpenTelemetry GenAI semantic conventions' advised bucket boundaries.
@@ -64,7 +64,7 @@ Key = tuple[str, str, str, int]
 TargetKey = tuple[str, str, str]
 
 # AccessEntry positions (proxy/access_log.py) that Metrics.outcome reads.
-_CTX, _ROUTE, _STATUS, _OUTCOME, _USAGE, _FIRST, _END = 1, 4, 5, 7, 10, 11, 12
+_CTX, _ROUTE, _STATUS, _OUTCOME, _USAGE, _FIRST, _END = 1, 4, 5, 7, 10, 11, 12  # (_USAGE: USAGE_AT)
 
 
 class Series:
@@ -204,13 +204,14 @@ class Metrics:
         """The front refused a request before it was complete (413, 431, 408, 400): no route yet."""
         self.refused[status] = self.refused.get(status, 0) + 1
 
-    def outcome(self, entry: tuple[Any, ...]) -> None:
+    def outcome(self, entry: tuple[Any, ...]) -> Tokens | None:
         """What the body tap saw of an answer (an ``AccessEntry``): its tokens, and for a stream
-        that ended well its time to first token and per output token."""
+        that ended well its time to first token and per output token. Returns the tokens it read
+        from the answer (the access log takes them rather than reading them again)."""
         ctx = entry[_CTX]
         target = ctx.target
         if target is None:  # no upstream was asked (a refusal, /v1/models, a cache hit)
-            return
+            return None
         route = entry[_ROUTE]
         key: TargetKey = (route if route in self.routes else "", target.upstream, target.model)
         first = entry[_FIRST]
@@ -221,15 +222,16 @@ class Metrics:
         usage = extra.get(USAGE_KEY) if extra else None
         prompt: int | None
         completion: int | None
+        counts = None
         if isinstance(usage, Usage):
             prompt, completion = usage.prompt_tokens, usage.completion_tokens
         else:
             source = entry[_USAGE]
             if source is None:
-                return
+                return None
             counts = tokens_in(source)
             if counts is None:
-                return
+                return None
             prompt, completion = counts
         tokens = self.tokens
         if prompt is not None:
@@ -238,6 +240,7 @@ class Metrics:
             tokens.observe((*key, "output"), completion)
             if first >= 0 and ok and completion > 1:
                 self.tpot.observe(key, (entry[_END] - first) / (completion - 1))
+        return counts
 
 
 # -- what the collector reads at scrape time --------------------------------------------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import orjson
 
@@ -49,7 +49,14 @@ def _count(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
-def tokens_in(source: bytes | tuple[bytes, bytes]) -> tuple[int | None, int | None] | None:
+class Tokens(NamedTuple):
+    """An answer's token counts as :func:`tokens_in` read them (None: the answer did not say)."""
+
+    prompt: int | None
+    completion: int | None
+
+
+def tokens_in(source: bytes | tuple[bytes, bytes]) -> Tokens | None:
     """(prompt, completion) tokens of a whole answer (``bytes``), or of the last two chunks of a
     streamed one: an SSE stream's last ``usage`` event (a ``data:`` line); a JSON answer's
     top-level ``usage``. Of a JSON answer only the ``usage`` member is parsed when it and what
@@ -71,7 +78,7 @@ def tokens_in(source: bytes | tuple[bytes, bytes]) -> tuple[int | None, int | No
     return _counts(source) if isinstance(source, bytes) else None
 
 
-def _counts(data: bytes) -> tuple[int | None, int | None] | None:
+def _counts(data: bytes) -> Tokens | None:
     try:
         payload = orjson.loads(data)
     except orjson.JSONDecodeError:
@@ -83,4 +90,4 @@ def _counts(data: bytes) -> tuple[int | None, int | None] | None:
     completion = usage.get("completion_tokens")
     if prompt is None and completion is None:  # the Responses API's names
         prompt, completion = usage.get("input_tokens"), usage.get("output_tokens")
-    return _count(prompt), _count(completion)
+    return Tokens(_count(prompt), _count(completion))

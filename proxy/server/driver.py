@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import orjson
 
+from proxy.access_log import AccessLog
 from proxy.chain import Handler
 from proxy.clock import Clock
 from proxy.config import LimitsConfig
@@ -69,6 +70,9 @@ class RequestDriver:
         self.clock = clock
         self.metrics: Metrics | None = None  # set by App when metrics are on (admin.enabled)
         self.server_timing = False  # set by App from the config's server_timing
+        # The access log's and the metrics' view of each answer (proxy/access_log.py), set by App
+        # when either is on: called here, not as a middleware, so it costs no coroutine frame.
+        self.access: AccessLog | None = None
         self._rid_prefix = os.urandom(6).hex().encode() + b"-"
         self._rid_counter = 0
         # Answered before the chain, to GET and HEAD: liveness for systemd/k8s probes.
@@ -101,6 +105,7 @@ class RequestDriver:
         elif rid is not client_rid:
             headers.set(b"x-request-id", rid)
         ctx = RequestContext(rid, peer, self.clock.now())
+        ctx.body_in = body
         ctx.build = build = self.current
         build.in_flight += 1
         return Request(method, raw_target, headers, body, ctx)
@@ -161,10 +166,17 @@ class RequestDriver:
         build = request.ctx.build  # (None: already done, the client gone)
         return build.handler if build is not None else self.current.handler
 
-    def answered(self, request: Request, response: Response) -> None:
+    def answered(self, request: Request, response: Response, exc: BaseException | None = None) -> None:
+        """The chain answered ``response`` (or raised ``exc``, which ``response`` answers)."""
         metrics = self.metrics
         if metrics is not None:
             metrics.answered(request, response.status, type(response.body) is not bytes)
+        access = self.access
+        if access is not None:
+            if exc is None:
+                access.answered(request, response, request.ctx.body_in)
+            else:
+                access.raised(request, exc, request.ctx.body_in)
         if self.server_timing:
             response.headers.append((b"server-timing", self.timing(request)))
 
@@ -187,6 +199,8 @@ class RequestDriver:
             if request.ctx.disconnected or (task is not None and task.cancelling()):
                 if self.metrics is not None:
                     self.metrics.answered(request, CLIENT_CLOSED)
+                if self.access is not None:
+                    self.access.raised(request, exc, request.ctx.body_in)
                 raise exc
             # raised inside the chain (a bug), the client still there: an error, not silence
             log.error("request %s %s was cancelled inside the chain", request.method, request.path)
@@ -196,7 +210,7 @@ class RequestDriver:
             response = error_response(internal_error())
         else:
             raise exc
-        self.answered(request, response)
+        self.answered(request, response, exc)
         return response
 
     def early_error(self, err: ProxyError, client_rid: bytes | None) -> Response:

@@ -8,6 +8,7 @@ import re
 import signal
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -47,6 +48,18 @@ def scrape(
     return samples
 
 
+def scrape_when(
+    url: str, ready: Callable[[dict[tuple[str, tuple[tuple[str, str], ...]], float]], bool]
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """A scrape once ``ready`` holds of it: a stream is counted at its end, which the sidecar sees
+    a moment after the client read its last event."""
+    deadline = time.monotonic() + 5
+    while not ready(m := scrape(url)):
+        assert time.monotonic() < deadline, m
+        time.sleep(0.01)
+    return m
+
+
 def labels(**kv: str) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(kv.items()))
 
@@ -64,9 +77,8 @@ def test_metrics_count_the_requests_made(mock: MockProcess, tmp_path: Path) -> N
             client.chat.completions.create(model="no-such-model", messages=MESSAGES)
         assert httpx.get(sidecar.url + "/healthz").status_code == 200  # answered by the sidecar: not counted
 
-        m = scrape(url)
         ok = labels(route="demo-model", upstream="mock", model="mock-model-v1", status="200")
-        assert m[("llm_sidecar_requests_total", ok)] == 6
+        m = scrape_when(url, lambda m: m.get(("llm_sidecar_requests_total", ok)) == 6)  # the stream's end
         # An unknown model is not a route: counted with its status, under route "" (bounded labels).
         not_found = labels(route="", upstream="", model="", status="404")
         assert m[("llm_sidecar_requests_total", not_found)] == 1
@@ -213,8 +225,8 @@ def test_a_stream_is_timed_to_its_end(mock: MockProcess, tmp_path: Path) -> None
             model="demo-model", messages=MESSAGES, stream=True, extra_headers=slow
         )
         assert sum(1 for _ in stream) >= 4
-        m = scrape(url)
         ok = labels(route="demo-model", upstream="mock", model="mock-model-v1", status="200")
+        m = scrape_when(url, lambda m: ("gen_ai_client_operation_duration_seconds_sum", ok) in m)
         assert m[("gen_ai_client_operation_duration_seconds_sum", ok)] >= 0.3
         assert m[("gen_ai_client_operation_duration_seconds_bucket", labels(**dict(ok), le="0.25"))] == 0
         assert m[("gen_ai_client_operation_duration_seconds_bucket", labels(**dict(ok), le="2.5"))] == 1
@@ -350,7 +362,8 @@ def test_tokens_and_stream_timings_match_what_the_client_saw(mock: MockProcess, 
             assert len(usage) == 1
             prompt += usage[0].prompt_tokens
             completion += usage[0].completion_tokens
-        m = scrape(url)
+        overhead = labels(route="demo-model", upstream="mock")
+        m = scrape_when(url, lambda m: m.get(("llm_sidecar_overhead_seconds_count", overhead)) == 5)
         target = {"route": "demo-model", "upstream": "mock", "model": "mock-model-v1"}
         tokens = "gen_ai_client_token_usage"
         assert m[(f"{tokens}_sum", labels(**target, gen_ai_token_type="input"))] == prompt
@@ -361,7 +374,6 @@ def test_tokens_and_stream_timings_match_what_the_client_saw(mock: MockProcess, 
         tpot_count = m[("gen_ai_server_time_per_output_token_seconds_count", labels(**target))]
         tpot_sum = m[("gen_ai_server_time_per_output_token_seconds_sum", labels(**target))]
         assert tpot_count == 2 and 0 < tpot_sum < 1
-        overhead = labels(route="demo-model", upstream="mock")
         assert m[("llm_sidecar_overhead_seconds_count", overhead)] == 5
         # the sidecar's own time is well under the streams' 5 × 20 ms of upstream pacing
         assert m[("llm_sidecar_overhead_seconds_sum", overhead)] < 0.2
