@@ -6,7 +6,10 @@ prints one line, ``mock backend listening on http://HOST:PORT``, and serves unti
 
 Endpoints: POST /v1/chat/completions and /v1/completions (``stream`` or not), POST /v1/embeddings,
 GET /v1/models. Any other path and method answers an echo of the request (``"object": "mock.echo"``).
-Control, not counted in the stats: GET /_mock/stats, POST /_mock/reset, POST|DELETE /_mock/faults.
+Control, not counted in the stats: GET /_mock/stats, POST /_mock/reset, POST|DELETE /_mock/faults,
+POST /_mock/health ``{"status": 503}`` (what GET /health answers from then on; 200 at start and after
+a reset). GET /health (a health check's path) is not counted in ``requests`` either, only in
+``health_checks``.
 
 Per-request knobs, as request headers:
   x-mock-chunks: N         content chunks of a stream / tokens of a completion (else max_tokens, else 8)
@@ -299,6 +302,8 @@ class MockState:
         self.stats = Stats()
         self.faults = Faults()
         self.answers = AnswerLog()
+        self.health_status = 200  # what GET /health answers
+        self.health_checks = 0
 
     def reset(self) -> None:
         open_now = self.stats.h2_open_connections
@@ -307,6 +312,8 @@ class MockState:
         )
         self.faults = Faults()
         self.answers = AnswerLog()
+        self.health_status = 200
+        self.health_checks = 0
 
     def begin(self, request: web.Request, body: bytes, knobs: Knobs) -> Call:
         data = self.record_start(request.method, request.path, request.headers, body)
@@ -350,6 +357,7 @@ class MockState:
     def snapshot(self) -> bytes:
         out: dict[str, Any] = dict(vars(self.stats))
         out["answered"], out["answered_twice"] = self.answers.answered, self.answers.answered_twice
+        out["health_status"], out["health_checks"] = self.health_status, self.health_checks
         if self.stats.last_request is not None:
             method, path, headers, data = self.stats.last_request
             out["last_request"] = {"method": method, "path": path, "headers": _lower(headers), "json": data}
@@ -681,6 +689,26 @@ async def _set_faults(request: web.Request) -> web.Response:
     return web.Response(body=_OK, content_type=_JSON)
 
 
+async def _health(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    state.health_checks += 1
+    status = state.health_status
+    return web.Response(status=status, body=orjson.dumps({"healthy": status < 400}), content_type=_JSON)
+
+
+async def _set_health(request: web.Request) -> web.Response:
+    try:
+        status = orjson.loads(await request.read()).get("status")
+    except (ValueError, AttributeError):  # orjson.JSONDecodeError; not an object
+        status = None
+    if not isinstance(status, int) or not 100 <= status <= 599:
+        return web.Response(
+            status=400, body=error_body(400, 'expected {"status": 100..599}'), content_type=_JSON
+        )
+    request.app[STATE_KEY].health_status = status
+    return web.Response(body=_OK, content_type=_JSON)
+
+
 def create_app(state: MockState | None = None) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[STATE_KEY] = state if state is not None else MockState()
@@ -689,6 +717,8 @@ def create_app(state: MockState | None = None) -> web.Application:
     add("POST", "/_mock/reset", _reset)
     add("POST", "/_mock/faults", _set_faults)
     add("DELETE", "/_mock/faults", _set_faults)
+    add("POST", "/_mock/health", _set_health)
+    add("GET", "/health", _health)
     add("POST", "/v1/chat/completions", _tracked(_generation(chat=True)))
     add("POST", "/v1/completions", _tracked(_generation(chat=False)))
     add("POST", "/v1/embeddings", _tracked(_embeddings))

@@ -190,10 +190,17 @@ class CircuitBreaker:
 
     def _none_left(self, model: str) -> NoHealthyTarget:
         upstreams = self.router.upstreams_of(model)
-        wait = min((self.breakers[u].retry_after() for u in upstreams), default=1.0)
+        down = self.router.unavailable(model)  # failed their health checks (their breakers may be closed)
+        wait = min((self.breakers[u].retry_after() for u in upstreams if u not in down), default=1.0)
         seconds = max(1, math.ceil(wait))
+        why = "every circuit breaker is open"
+        if down:
+            checks = "; ".join(f"upstream {u} failed its health check: {r}" for u, r in down.items())
+            why = (
+                checks if len(down) == len(upstreams) else f"{checks}; the others' circuit breakers are open"
+            )
         return NoHealthyTarget(
-            f"no upstream can serve model '{model}' now: every circuit breaker is open; retry in {seconds} s",
+            f"no upstream can serve model '{model}' now: {why}; retry in {seconds} s",
             headers=[(b"retry-after", b"%d" % seconds), (b"retry-after-ms", b"%d" % int(wait * 1000))],
         )
 

@@ -52,32 +52,41 @@ class Serving(Protocol):
 
     def middleware_problems(self) -> list[str]: ...
 
+    def upstreams_down(self) -> Mapping[str, str]:
+        """Upstreams their active health check marked down, with why (proxy/health.py)."""
+        ...
+
 
 def problems(serving: Serving) -> list[str]:
     """What keeps the sidecar from being ready: each route needs a target (of weight > 0, its own or
-    a fallback route's) whose upstream's breaker is not open. No breaker configured: none is open.
+    a fallback route's) whose upstream's breaker is not open and that its health check (if any) has
+    not marked down. No breaker configured: none is open.
     A sidecar that is stopping (draining) is not ready: new work should go elsewhere. A middleware
     with a ``readiness() -> list[str]`` method adds what it finds (e.g. a Redis not answering)."""
     breakers = serving.breakers()
+    down = serving.upstreams_down()
     routes = {r.model: r for r in serving.routes()}
     found: list[str] = []
     if serving.stopping():
         found.append("stopping: finishing the requests in flight, taking no new connections")
     for route in routes.values():
         chain = [route, *(routes[f] for f in route.fallbacks if f in routes)]
-        closed, opened = False, []
+        closed, opened, failed = False, [], []
         for r in chain:
             for t in r.targets:
                 if t.weight <= 0:
                     continue
                 breaker = breakers.get(t.upstream)
-                if breaker is not None and breaker.state == "open" and breaker.retry_after() > 0:
+                if t.upstream in down:
+                    failed.append(t.upstream)
+                elif breaker is not None and breaker.state == "open" and breaker.retry_after() > 0:
                     opened.append(t.upstream)
                 else:
                     closed = True
         if not closed:
-            names = ", ".join(dict.fromkeys(opened))
-            found.append(f"route {route.model}: no target available (breaker of upstream {names} open)")
+            why = [f"breaker of upstream {', '.join(dict.fromkeys(opened))} open"] if opened else []
+            why += [f"upstream {u} failed its health check: {down[u]}" for u in dict.fromkeys(failed)]
+            found.append(f"route {route.model}: no target available ({'; '.join(why)})")
     found.extend(serving.middleware_problems())
     return found
 

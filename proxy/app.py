@@ -13,6 +13,7 @@ config uses any more drain (their in-flight exchanges finish) and close.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import socket
@@ -24,8 +25,10 @@ from typing import TYPE_CHECKING, Any
 from proxy.access_log import USAGE_AT, AccessEntry, AccessLog, AccessSink, log_record_sink
 from proxy.chain import Handler, compose
 from proxy.clock import Clock, MonotonicClock
-from proxy.config import Config, RouteConfig
+from proxy.config import Config, RouteConfig, UpstreamConfig
+from proxy.direct import Senders
 from proxy.forward import Forwarder
+from proxy.health import HealthBoard, HealthChecks
 from proxy.metrics import BreakerView, Metrics, MetricsScope, breaker_level
 from proxy.registry import BuildContext
 from proxy.routing import Router
@@ -33,6 +36,7 @@ from proxy.server.front import Front
 from proxy.server.h1 import H1Connection
 from proxy.server.h2 import H2Connection
 from proxy.server.tls import AlpnSwitch, server_context
+from proxy.tasks import BackgroundTasks
 from proxy.upstream.base import Upstream
 from proxy.upstream.factory import make_upstream
 
@@ -47,6 +51,10 @@ RESTART_ONLY = ("listen", "http2", "admin")
 
 class ReloadError(Exception):
     """The new config could not be built; the old one keeps serving."""
+
+
+class BuildError(Exception):
+    """A middleware could not be built from its (valid) config: the message names it."""
 
 
 class Build:
@@ -94,6 +102,12 @@ class App:
         if config.admin.enabled:
             self.metrics = Metrics(self.clock, config.admin.duration_buckets_s)
             self.scope = self.metrics.scope
+        # The process's background work (BuildContext.tasks), drained by stop(); outlives reloads.
+        self.tasks = BackgroundTasks(self.scope)
+        # Active health checks: the board every build's router and /readyz read, and the loops.
+        self.health_board = HealthBoard(self.scope)
+        self.health = HealthChecks(self.health_board, self.clock)
+        self.health.apply(config.upstreams)
         upstreams: dict[str, Upstream] = {
             name: make_upstream(name, cfg, loop) for name, cfg in config.upstreams.items()
         }
@@ -123,14 +137,15 @@ class App:
 
     # -- building --------------------------------------------------------------------------------
     def _build(self, config: Config, upstreams: dict[str, Upstream], previous: Build | None) -> Build:
-        router = Router(config.routes)
+        router = Router(config.routes, self.health_board.down)
+        senders = Senders(upstreams, self.clock)
         forwarder = Forwarder(router, upstreams, config.fallback_upstream, self.rng, self.clock)
         available = []
         if previous is not None:
             available = list(zip(previous.config.middleware, previous.middleware, strict=True))
         middleware: list[Any] = []
         carried: list[Any] = []
-        for entry in config.middleware:
+        for i, entry in enumerate(config.middleware):
             prev = None
             for i, (old_entry, old_mw) in enumerate(available):
                 if old_entry.type == entry.type and old_entry.config == entry.config:
@@ -145,8 +160,15 @@ class App:
                 upstreams=tuple(upstreams),
                 previous=prev,
                 metrics=self.scope,
+                tasks=self.tasks,
+                senders=senders,
             )
-            middleware.append(entry.factory(entry.config, ctx))
+            try:
+                middleware.append(entry.factory(entry.config, ctx))
+            except Exception as e:
+                # (A middleware built earlier in this loop that started work in __init__ is a bug
+                # of that middleware: start work in start(), which runs after a successful build.)
+                raise BuildError(f"middleware[{i}] ({entry.type}): {e}") from e
             carried.append(prev)
         return Build(config, upstreams, router, middleware, carried, compose(middleware, forwarder))
 
@@ -189,7 +211,7 @@ class App:
         opened: list[Upstream] = []
         for name, cfg in config.upstreams.items():
             pool = old.upstreams.get(name)
-            if pool is None or old.config.upstreams[name] != cfg:
+            if pool is None or _pool_config(old.config.upstreams[name]) != _pool_config(cfg):
                 pool = make_upstream(name, cfg, self.loop)
                 opened.append(pool)
             upstreams[name] = pool
@@ -204,6 +226,7 @@ class App:
                 await pool.close()
             raise ReloadError(f"{type(e).__name__}: {e}") from e
         self.build = build
+        self.health.apply(config.upstreams)
         if self.metrics is not None:
             self.metrics.routes = frozenset(build.router.models)
         self.front.limits = config.limits  # (new connections)
@@ -244,6 +267,7 @@ class App:
             start = getattr(mw, "start", None)
             if start is not None:
                 await start()
+        self.health.start()
         await self._start_admin()
 
     async def _start_admin(self) -> None:
@@ -313,6 +337,9 @@ class App:
     def stopping(self) -> bool:
         return self.front.shutting_down
 
+    def upstreams_down(self) -> Mapping[str, str]:
+        return self.health_board.down
+
     def middleware_problems(self) -> list[str]:
         """What the build's middleware with a ``readiness() -> list[str]`` say keeps them from serving
         (the seam for "every Redis the config needs answered recently")."""
@@ -362,11 +389,16 @@ class App:
         return f"llm-sidecar listening on {where} | {self.describe_routes()}"
 
     async def stop(self, drain_s: float | None = None) -> None:
-        """Stop listening, let what is in flight finish (up to ``drain_timeout_s``), close all."""
+        """Stop listening, let what is in flight finish, then the background tasks, all within
+        ``drain_timeout_s`` (the tasks get what the front's drain left); close all."""
+        budget = self.config.drain_timeout_s if drain_s is None else drain_s
+        deadline = self.loop.time() + budget
         if self.server is not None:
             self.server.close()
         # The admin listener stays up through the drain: /readyz says "stopping", /metrics shows it.
-        await self.front.drain(self.config.drain_timeout_s if drain_s is None else drain_s)
+        await self.front.drain(budget)
+        await self.health.stop()  # (checks kept routing right while requests were still finishing)
+        await self.tasks.drain(max(0.0, deadline - self.loop.time()))
         if self.admin is not None:
             await self.admin.stop()
         await asyncio.sleep(0)  # the aborted connections' connection_lost callbacks
@@ -378,6 +410,12 @@ class App:
             await upstream.close()
         for mw in self.build.middleware:
             await _aclose(mw)
+
+
+def _pool_config(cfg: UpstreamConfig) -> UpstreamConfig:
+    """What an upstream's pool is built from: its entry less the health check (changing only
+    ``health`` on a reload keeps the pool and its connections)."""
+    return dataclasses.replace(cfg, health=None)
 
 
 async def _aclose(mw: Any) -> None:

@@ -14,7 +14,7 @@ import sys
 import time
 
 from proxy import __version__
-from proxy.app import App, ReloadError
+from proxy.app import App, BuildError, ReloadError
 from proxy.config import Config
 from proxy.config_loader import ConfigError, load_config
 from proxy.logs import LogHandle, configure_logging
@@ -91,7 +91,11 @@ def serve(path: str) -> int:
 
 async def _serve(config: Config, path: str, started: float, logs: LogHandle) -> int:
     loop = asyncio.get_running_loop()
-    app = App(config, loop, access_sink=logs.access)
+    try:
+        app = App(config, loop, access_sink=logs.access)
+    except BuildError as e:
+        log.error("not starting: %s", e)
+        return EXIT_CONFIG
     try:
         await app.start()
     except OSError as e:

@@ -7,6 +7,7 @@ Cross-field rules live in ``validate()`` methods returning ``(relative dotted pa
 
 from __future__ import annotations
 
+import dataclasses
 import ssl
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -140,6 +141,22 @@ class Http2Config:
 
 
 @dataclass(frozen=True)
+class HealthCheckConfig:
+    """An upstream's active health check (proxy/health.py): GET ``path`` every ``interval_s``."""
+
+    path: str = opt("/health", "GET after the upstream url (its prefix too); a 2xx answer passes", min_len=1)
+    interval_s: float = opt(5.0, "time between the end of one check and the start of the next", min=0.05)
+    timeout_s: float = opt(1.0, "connect + answer's status line; later is a failed check", min=0.001)
+    unhealthy_after: int = opt(2, "failed checks in a row that mark the upstream down", min=1, max=100)
+    healthy_after: int = opt(1, "passed checks in a row that mark a down upstream up again", min=1, max=100)
+
+    def validate(self) -> list[tuple[str, str]]:
+        if not self.path.startswith("/") or any(c in self.path for c in " \r\n"):
+            return [("path", f"must start with '/' and hold no spaces or line breaks, got {self.path!r}")]
+        return []
+
+
+@dataclass(frozen=True)
 class UpstreamConfig:
     url: str = req("base URL: http://host:port or https://host[:port][/prefix], without the /v1")
     api_key: str = opt("", "sent as 'Authorization: Bearer …', replacing the client's credential")
@@ -175,6 +192,9 @@ class UpstreamConfig:
         10.0, "HTTP/2: a connection silent this long is sent a PING (also before reuse)", min=0.001
     )
     h2_ping_timeout_s: float = opt(5.0, "HTTP/2: no frame back this long after a PING → closed", min=0.001)
+    health: HealthCheckConfig | None = opt(
+        None, "active health check {path, interval_s, timeout_s, unhealthy_after, healthy_after}; none: off"
+    )
 
     def validate(self) -> list[tuple[str, str]]:
         try:
@@ -311,6 +331,8 @@ class Config:
                     problems.append(
                         (f"routes[{i}].fallbacks[{j}]", f"unknown route {name!r}; known: {', '.join(seen)}")
                     )
+        for i, entry in enumerate(self.middleware):
+            problems.extend(_unknown_upstreams(entry.config, f"middleware[{i}]", self.upstreams))
         if self.admin.enabled and _same_socket(self.admin.address, self.listen.address):
             problems.append(
                 (
@@ -334,6 +356,23 @@ class Config:
         if len(self.upstreams) == 1:
             return next(iter(self.upstreams))
         return None
+
+
+def _unknown_upstreams(config: Any, path: str, upstreams: dict[str, UpstreamConfig]) -> list[tuple[str, str]]:
+    """A middleware's fields declared with ``upstream=True`` (``opt(..., upstream=True)``) must name
+    configured upstreams: a slip is a config error with its line, not a failure at build time."""
+    if not dataclasses.is_dataclass(config):
+        return []
+    problems = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if not f.metadata.get("upstream") or value is None:
+            continue
+        for name in (value,) if isinstance(value, str) else value:
+            if name not in upstreams:
+                known = ", ".join(sorted(upstreams))
+                problems.append((f"{path}.{f.name}", f"unknown upstream {name!r}; known: {known}"))
+    return problems
 
 
 def _strerror(path: str) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from proxy.clock import Clock
-from proxy.errors import InvalidRequest, MethodNotAllowed, ModelNotFound, NotFound
+from proxy.errors import InvalidRequest, MethodNotAllowed, ModelNotFound, NoHealthyTarget, NotFound
 from proxy.http import Headers, Request, Response
 from proxy.multipart import replace_model
 from proxy.requested_model import read_model
@@ -80,7 +80,8 @@ class Forwarder:
         target = ctx.target
         if target is None or not isinstance(target, Target):
             target = self.router.pick(model, self.rng, ctx.tried)
-            assert target is not None  # without a health check, some target is always left
+            if target is None:  # every upstream of the route and its fallbacks failed its health check
+                raise self._all_down(model)
             ctx.target = target
         if target.model == model:
             upstream_body = request.body
@@ -93,6 +94,13 @@ class Forwarder:
             assert data is not None  # a model read from JSON
             upstream_body = orjson.dumps({**data, "model": target.model})
         return await self._send(self.upstreams[target.upstream], request, upstream_body)
+
+    def _all_down(self, model: str) -> NoHealthyTarget:
+        why = "; ".join(f"upstream {u}: {reason}" for u, reason in self.router.unavailable(model).items())
+        return NoHealthyTarget(
+            f"no upstream can serve model '{model}' now: each failed its health check ({why})",
+            headers=[(b"retry-after", b"1")],
+        )
 
     async def _send(self, upstream: Upstream, request: Request, body: bytes) -> Response:
         """The upstream's answer (its head; a body may still be coming), timed on ``ctx``."""

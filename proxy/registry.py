@@ -17,8 +17,10 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from proxy.clock import Clock
+from proxy.direct import Senders, UpstreamSender
 from proxy.metrics import MetricsScope
 from proxy.routing import Router
+from proxy.tasks import BackgroundTasks
 
 BUILTIN: Final[Mapping[str, str]] = MappingProxyType(
     {
@@ -46,6 +48,19 @@ class BuildContext:
     previous: Any = None
     # Where its counters come from (``scope.counter(name, help, labels)``): rendered on /metrics.
     metrics: MetricsScope = field(default_factory=MetricsScope)
+    # The process's bounded group for work not awaited by a request (``tasks.spawn(coro, name)``;
+    # False when full): shutdown drains it. The same group for every build (it outlives reloads).
+    tasks: BackgroundTasks = field(default_factory=lambda: BackgroundTasks(MetricsScope()))
+    # This build's pools by upstream name, for :meth:`sender` (None only in unit tests).
+    senders: Senders | None = None
+
+    def sender(self, upstream: str) -> UpstreamSender:
+        """Send requests straight to ``upstream``'s pool, without the chain (proxy/direct.py).
+        Ask at build time (in ``__init__``): an unknown name raises ValueError there, which stops
+        the start (or rejects the reload) with the middleware named."""
+        if self.senders is None:
+            raise ValueError("no upstream pools in this context (BuildContext.senders)")
+        return self.senders.get(upstream)
 
 
 def resolve(type_name: str) -> Any:

@@ -3,13 +3,15 @@
 Compiled once from config; picking a target is a random draw and a bisect, no allocation.
 Failover (``retry``, ``circuit_breaker``) picks with :meth:`Router.pick`: first the route's targets
 not tried yet and healthy, then its ``fallbacks`` routes' in order, then a healthy one tried before.
+An upstream its active health check marked down (``down``, proxy/health.py) is never picked,
+whichever middleware asks: the check costs a pick one lookup in a dict that is empty while all pass.
 """
 
 from __future__ import annotations
 
 import random
 from bisect import bisect_right
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from itertools import accumulate
 
@@ -61,7 +63,10 @@ Healthy = Callable[[str], bool]
 
 
 class Router:
-    def __init__(self, routes: tuple[RouteConfig, ...]) -> None:
+    def __init__(self, routes: tuple[RouteConfig, ...], down: Mapping[str, str] | None = None) -> None:
+        # Upstream name → why its health check failed: App's one live board (proxy.health.HealthBoard),
+        # shared by every build, so a verdict reaches the router in force at once.
+        self.down: Mapping[str, str] = {} if down is None else down
         self.routes: dict[str, Route] = {r.model: Route(r) for r in routes}
         self.models = tuple(self.routes)
         # The route and then its fallbacks, in the order failover tries them.
@@ -93,21 +98,32 @@ class Router:
     ) -> Target | None:
         """The target for the next attempt of a request for ``model``: a healthy one not ``tried``
         yet — the route's own targets by weight, then each fallback route's — else a healthy one
-        tried before (a retry after a backoff), else None (every breaker open).
+        tried before (a retry after a backoff), else None (every breaker open, or every upstream
+        down by its health check). Healthy: not ``down``, and ``healthy(upstream)`` when given.
 
         Raises ModelNotFound for a model no route serves."""
         route = self.route(model)
+        down = self.down
         if not tried:  # the common case: a plain draw, kept when it is healthy (still by weight)
             drawn = route.pick(rng)
-            if healthy is None or healthy(drawn.upstream):
+            if (not down or drawn.upstream not in down) and (healthy is None or healthy(drawn.upstream)):
                 return drawn
+
+        def ok(upstream: str) -> bool:
+            return upstream not in down and (healthy is None or healthy(upstream))
+
         chain = self._chains[model]
         for r in chain:
-            target = r.pick_among(rng, lambda t: t not in tried and (healthy is None or healthy(t.upstream)))
+            target = r.pick_among(rng, lambda t: t not in tried and ok(t.upstream))
             if target is not None:
                 return target
         for r in chain:
-            target = r.pick_among(rng, lambda t: healthy is None or healthy(t.upstream))
+            target = r.pick_among(rng, lambda t: ok(t.upstream))
             if target is not None:
                 return target
         return None
+
+    def unavailable(self, model: str) -> dict[str, str]:
+        """Of the upstreams that may serve ``model``, those down by their health check, with why."""
+        down = self.down
+        return {u: down[u] for u in self.upstreams_of(model) if u in down}

@@ -134,6 +134,10 @@ class MockProcess:
     def clear_faults(self) -> None:
         self._control("DELETE", "/_mock/faults")
 
+    def set_health(self, status: int) -> None:
+        """What ``GET /health`` answers from now on (200 at start and after ``reset``)."""
+        self._control("POST", "/_mock/health", json={"status": status})
+
     def wait_stats(self, predicate: Callable[[Stats], bool], timeout: float = 2.0) -> Stats:
         """Poll the stats until ``predicate`` holds; raise ``TimeoutError`` with the last stats."""
         deadline = time.monotonic() + timeout

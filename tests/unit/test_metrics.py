@@ -200,6 +200,7 @@ class Serving:
         self._breakers = breakers
         self.draining = False
         self.reported: list[str] = []
+        self.down: dict[str, str] = {}  # upstream → why its health check failed
 
     def routes(self) -> tuple[RouteConfig, ...]:
         return self._routes
@@ -212,6 +213,9 @@ class Serving:
 
     def middleware_problems(self) -> list[str]:
         return self.reported
+
+    def upstreams_down(self) -> Mapping[str, str]:
+        return self.down
 
 
 def route(model: str, *upstreams: str, fallbacks: tuple[str, ...] = ()) -> RouteConfig:
