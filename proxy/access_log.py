@@ -37,11 +37,10 @@ from proxy.config import LogConfig
 from proxy.errors import ProxyError
 from proxy.http import PipeableBody, Request, Response
 from proxy.requested_model import read_model
-from proxy.usage import USAGE_KEY, Tokens, Usage, tokens_in
+from proxy.usage import MAX_USAGE_BODY, USAGE_KEY, Tokens, Usage, tokens_in
 
 ACCESS_LOGGER: Final = "llm_sidecar.access"
 MAX_BODY_LOGGED: Final = 64 * 1024  # log.bodies: each body is cut here, with a marker
-MAX_USAGE_BODY: Final = 1024 * 1024  # a whole answer up to this size is parsed for its usage
 USAGE_AT: Final = 10  # AccessEntry's usage source
 CACHE_KEY: Final = "cache"  # ctx.extra: the cache's result for this request (hit, miss, …)
 CLIENT_CLOSED: Final = "client_closed"
@@ -74,11 +73,19 @@ class AccessLog:
         cfg: LogConfig | None = None,
         sink: AccessSink | None = None,
         wall: Callable[[], float] = time.time,
+        whole: bool = True,
+        stream_sink: AccessSink | None = None,
     ) -> None:
         self.clock = clock
         self.bodies = cfg.bodies if cfg is not None else False
         self.sink: AccessSink = sink if sink is not None else log_record_sink
         self.wall = wall
+        # False: only streamed answers give entries (for the metrics, which count whole answers
+        # and errors themselves: no access log is written).
+        self.whole = whole
+        # Where a streamed answer's entry goes at its end (default: ``sink``): the metrics read
+        # its tokens and timings there, as they do not at its head.
+        self.stream_sink: AccessSink = stream_sink if stream_sink is not None else self.sink
 
     async def __call__(self, request: Request, next: Handler) -> Response:
         body_in = request.body  # the client's, before any middleware rewrites it
@@ -92,6 +99,8 @@ class AccessLog:
 
     def raised(self, request: Request, exc: BaseException, body_in: bytes) -> None:
         """The chain raised ``exc`` instead of answering: its line now (the driver answers it)."""
+        if not self.whole:
+            return
         if isinstance(exc, ProxyError):
             self.emit(request, body_in, exc.status, exc.code or exc.type, None, 0, None, -1.0, None)
         elif isinstance(exc, asyncio.CancelledError) and request.ctx.disconnected:
@@ -99,11 +108,16 @@ class AccessLog:
         else:  # a cancellation inside the chain, or a bug: the driver answers 500
             self.emit(request, body_in, 500, "internal_error", None, 0, None, -1.0, None)
 
-    def answered(self, request: Request, response: Response, body_in: bytes) -> None:
+    def answered(
+        self, request: Request, response: Response, body_in: bytes, tokens: Tokens | None = None
+    ) -> None:
         """A complete answer gets its line now; a streamed one is wrapped to count what it sends,
-        and gets its line at its end. ``body_in``: the client's request body."""
+        and gets its line at its end. ``body_in``: the client's request body; ``tokens``: the
+        answer's, when the metrics read them already."""
         body = response.body
         if isinstance(body, bytes):  # complete (inline: this is the common case)
+            if not self.whole:
+                return
             bodies = self.bodies
             self.sink(
                 (
@@ -117,7 +131,7 @@ class AccessLog:
                     None,
                     len(body_in),
                     len(body),
-                    body if len(body) <= MAX_USAGE_BODY else None,
+                    tokens if tokens is not None else body if len(body) <= MAX_USAGE_BODY else None,
                     -1.0,
                     self.clock.now(),
                     body_in[:MAX_BODY_LOGGED] if bodies else None,
@@ -140,8 +154,9 @@ class AccessLog:
         usage_source: Any,
         first_chunk: float,
         body_out: Any,
+        streamed: bool = False,
     ) -> None:
-        self.sink(
+        (self.stream_sink if streamed else self.sink)(
             (
                 self.wall(),
                 request.ctx,
@@ -246,6 +261,7 @@ class _Counting:
             (self.c2, self.c1) if exc is None else None,
             self.first,
             self._kept,
+            True,
         )
         return b""
 
@@ -335,7 +351,7 @@ def access_fields(entry: AccessEntry, stamp: str | None = None) -> dict[str, Any
     elif usage_source is not None:  # (Tokens: read already, by the metrics)
         tokens = usage_source if type(usage_source) is Tokens else tokens_in(usage_source)
         if tokens is not None:
-            fields["tokens_in"], fields["tokens_out"] = tokens
+            fields["tokens_in"], fields["tokens_out"] = tokens.prompt, tokens.completion
     if first_chunk >= 0:
         fields["ttft_ms"] = round((first_chunk - started) * 1000, 3)
     fields["duration_ms"] = round((end - started) * 1000, 3)

@@ -173,21 +173,15 @@ class App:
         return Build(config, upstreams, router, middleware, carried, compose(middleware, forwarder))
 
     def _access(self, config: Config) -> AccessLog | None:
-        """The driver's accounting of each answer: for the access log's lines, the metrics, or both."""
-        sink = self._outcome_sink(config.log.access_log)
-        if sink is None:
-            return None
-        return AccessLog(self.clock, config.log if config.log.access_log else None, sink)
-
-    def _outcome_sink(self, access_log: bool) -> AccessSink | None:
-        """Where the body tap's entries go: the access log's lines, the metrics, or both."""
-        lines = (self.access_sink or log_record_sink) if access_log else None
+        """The driver's accounting of each answer, for the access log's lines and the metrics'
+        streams (the metrics count whole answers and errors themselves, in the driver)."""
+        lines = (self.access_sink or log_record_sink) if config.log.access_log else None
         metrics = self.metrics
         if metrics is None:
-            return lines
+            return AccessLog(self.clock, config.log, lines) if lines is not None else None
         outcome = metrics.outcome
         if lines is None:
-            return outcome
+            return AccessLog(self.clock, None, outcome, whole=False)
 
         def both(entry: AccessEntry) -> None:
             tokens = outcome(entry)
@@ -195,7 +189,7 @@ class App:
                 entry = (*entry[:USAGE_AT], tokens, *entry[USAGE_AT + 1 :])
             lines(entry)
 
-        return both
+        return AccessLog(self.clock, config.log, lines, stream_sink=both)
 
     async def reload(self, config: Config) -> list[str]:
         """Build ``config`` in full, then serve new requests with it. Returns what it did not apply

@@ -44,7 +44,7 @@ from proxy.clock import Clock
 from proxy.errors import ProxyError
 from proxy.http import Request
 from proxy.requested_model import read_model
-from proxy.usage import USAGE_KEY, Tokens, Usage, tokens_in
+from proxy.usage import MAX_USAGE_BODY, USAGE_KEY, Tokens, Usage, tokens_in
 
 DEFAULT_DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # The OpenTelemetry GenAI semantic conventions' advised bucket boundaries.
@@ -95,6 +95,36 @@ class Histogram:
         series.sum += value
         series.buckets[bisect_left(self.bounds, value)] += 1
 
+    def series_for(self, key: tuple[Any, ...]) -> Series:
+        series = self.series.get(key)
+        if series is None:
+            series = self.series[key] = Series(len(self.bounds))
+        return series
+
+
+class TokenPair:
+    """The input and output series of ``gen_ai_client_token_usage`` for one target, looked up
+    once per target rather than twice per answer."""
+
+    __slots__ = ("bounds", "input", "output")
+
+    def __init__(self, histogram: Histogram, target: tuple[Any, ...]) -> None:
+        self.bounds = histogram.bounds
+        self.input = histogram.series_for((*target, "input"))
+        self.output = histogram.series_for((*target, "output"))
+
+    def add(self, prompt: int | None, completion: int | None) -> None:
+        if prompt is not None:
+            series = self.input
+            series.count += 1
+            series.sum += prompt
+            series.buckets[bisect_left(self.bounds, prompt)] += 1
+        if completion is not None:
+            series = self.output
+            series.count += 1
+            series.sum += completion
+            series.buckets[bisect_left(self.bounds, completion)] += 1
+
 
 class Counter:
     """A counter family of plain numbers by label values: what a middleware adds to per event."""
@@ -141,6 +171,7 @@ class Metrics:
         self.ttft = Histogram(TTFT_BUCKETS)  # by TargetKey
         self.tpot = Histogram(TPOT_BUCKETS)  # by TargetKey
         self.tokens = Histogram(TOKEN_BUCKETS)  # by TargetKey + ("input" | "output",)
+        self._token_pairs: dict[tuple[Any, ...], TokenPair] = {}  # by TargetKey: into ``tokens``
         self.scope = MetricsScope()
         self.routes: frozenset[str] = frozenset()  # the configured routes (App sets it per build)
         self._answered: dict[Request, Key] = {}  # answered by the chain, response not complete yet
@@ -163,9 +194,11 @@ class Metrics:
             return (route, "", "", status)
         return (route, target.upstream, target.model, status)
 
-    def answered(self, request: Request, status: int, streamed: bool = False) -> None:
+    def answered(self, request: Request, status: int, body: Any = b"") -> Tokens | None:
         """The chain answered ``status``; counted when the response is complete (:meth:`done`),
-        or now when it already is (the client left before the chain answered)."""
+        or now when it already is (the client left before the chain answered). A whole answer
+        (``body`` bytes) of an upstream has its tokens counted now, and returned (the access log
+        takes them); a streamed one's come at its end, through :meth:`outcome`."""
         ctx = request.ctx
         read = request.model_read
         target = ctx.target
@@ -173,13 +206,33 @@ class Metrics:
             key = self.key(request, status)
             if ctx.build is None:  # done() came first
                 self._observe(key, request, self.clock.now(), False)
-                return
+                return None
         else:
             model = read[1][0]
             key = (model if model in self.routes else "", target.upstream, target.model, status)
         self._answered[request] = key
-        if streamed:
+        if type(body) is not bytes:
             self._streamed.add(request)
+            return None
+        if target is None or status != 200 or len(body) > MAX_USAGE_BODY:
+            return None
+        extra = ctx._extra
+        usage = extra.get(USAGE_KEY) if extra else None
+        if isinstance(usage, Usage):  # read already (rate_limit)
+            self._tokens(key, usage.prompt_tokens, usage.completion_tokens)
+            return None
+        tokens = tokens_in(body)
+        if tokens is not None:
+            self._tokens(key, tokens.prompt, tokens.completion)
+        return tokens
+
+    def _tokens(self, key: tuple[Any, ...], prompt: int | None, completion: int | None) -> None:
+        """Count an answer's tokens under its target (``key``'s route, upstream, model)."""
+        target = key[:3]
+        pair = self._token_pairs.get(target)
+        if pair is None:
+            pair = self._token_pairs[target] = TokenPair(self.tokens, target)
+        pair.add(prompt, completion)
 
     def done(self, request: Request) -> None:
         """The response is complete (the driver calls this once per request)."""
@@ -232,14 +285,10 @@ class Metrics:
             counts = tokens_in(source)
             if counts is None:
                 return None
-            prompt, completion = counts
-        tokens = self.tokens
-        if prompt is not None:
-            tokens.observe((*key, "input"), prompt)
-        if completion is not None:
-            tokens.observe((*key, "output"), completion)
-            if first >= 0 and ok and completion > 1:
-                self.tpot.observe(key, (entry[_END] - first) / (completion - 1))
+            prompt, completion = counts.prompt, counts.completion
+        self._tokens(key, prompt, completion)
+        if completion is not None and first >= 0 and ok and completion > 1:
+            self.tpot.observe(key, (entry[_END] - first) / (completion - 1))
         return counts
 
 

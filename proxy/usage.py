@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
 
 import orjson
 
+MAX_USAGE_BODY: Final = 1024 * 1024  # a whole answer up to this size is read for its usage
 # ctx.extra: a Usage that a middleware read (the access log and the metrics take it, no second parse)
 USAGE_KEY: Final = "usage"
 
@@ -49,11 +50,19 @@ def _count(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
-class Tokens(NamedTuple):
-    """An answer's token counts as :func:`tokens_in` read them (None: the answer did not say)."""
+class Tokens:
+    """An answer's token counts as :func:`tokens_in` read them (None: the answer did not say).
+    A plain slotted class: made once per answer on the request path, where a NamedTuple's or a
+    frozen dataclass's constructor costs several times more."""
 
-    prompt: int | None
-    completion: int | None
+    __slots__ = ("completion", "prompt")
+
+    def __init__(self, prompt: int | None, completion: int | None) -> None:
+        self.prompt = prompt
+        self.completion = completion
+
+    def __repr__(self) -> str:
+        return f"Tokens(prompt={self.prompt}, completion={self.completion})"
 
 
 def tokens_in(source: bytes | tuple[bytes, bytes]) -> Tokens | None:
@@ -90,4 +99,8 @@ def _counts(data: bytes) -> Tokens | None:
     completion = usage.get("completion_tokens")
     if prompt is None and completion is None:  # the Responses API's names
         prompt, completion = usage.get("input_tokens"), usage.get("output_tokens")
-    return Tokens(_count(prompt), _count(completion))
+    # (exact type checks: bool is an int; JSON gives int, float, str, … as they are)
+    return Tokens(
+        prompt if type(prompt) is int and prompt >= 0 else None,
+        completion if type(completion) is int and completion >= 0 else None,
+    )

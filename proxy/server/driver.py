@@ -169,12 +169,11 @@ class RequestDriver:
     def answered(self, request: Request, response: Response, exc: BaseException | None = None) -> None:
         """The chain answered ``response`` (or raised ``exc``, which ``response`` answers)."""
         metrics = self.metrics
-        if metrics is not None:
-            metrics.answered(request, response.status, type(response.body) is not bytes)
+        tokens = metrics.answered(request, response.status, response.body) if metrics is not None else None
         access = self.access
         if access is not None:
             if exc is None:
-                access.answered(request, response, request.ctx.body_in)
+                access.answered(request, response, request.ctx.body_in, tokens)
             else:
                 access.raised(request, exc, request.ctx.body_in)
         if self.server_timing:

@@ -4,6 +4,7 @@ opens and 200 again after open_s, the bearer token, and a port of its own."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import socket
@@ -336,11 +337,16 @@ def test_the_admin_port_answers_what_it_does_not_serve_clearly(mock: MockProcess
                 assert client.get(url + "/metrics").status_code == 200
 
 
-def test_tokens_and_stream_timings_match_what_the_client_saw(mock: MockProcess, tmp_path: Path) -> None:
+@pytest.mark.parametrize("access_log", [False, True], ids=["metrics", "metrics-and-access-log"])
+def test_tokens_and_stream_timings_match_what_the_client_saw(
+    mock: MockProcess, tmp_path: Path, access_log: bool
+) -> None:
     """gen_ai_client_token_usage sums equal the usage the mock reported (whole answers and streams
     with include_usage); one time-to-first-token and one time-per-output-token observation per
-    stream, none for a whole answer; the overhead histogram counts every request."""
-    with SidecarProcess(minimal_config(mock.url, extra=ADMIN), tmp_path) as sidecar:
+    stream, none for a whole answer; the overhead histogram counts every request. With the access
+    log on too, nothing is counted twice, and the lines carry the same tokens."""
+    extra = ADMIN + ("log: {access_log: true, format: json}\n" if access_log else "")
+    with SidecarProcess(minimal_config(mock.url, extra=extra), tmp_path) as sidecar:
         url = admin_url(sidecar)
         client = OpenAI(base_url=sidecar.base_url, api_key="x", max_retries=0)
         prompt = completion = 0
@@ -374,6 +380,15 @@ def test_tokens_and_stream_timings_match_what_the_client_saw(mock: MockProcess, 
         tpot_count = m[("gen_ai_server_time_per_output_token_seconds_count", labels(**target))]
         tpot_sum = m[("gen_ai_server_time_per_output_token_seconds_sum", labels(**target))]
         assert tpot_count == 2 and 0 < tpot_sum < 1
+        if access_log:
+            logs = sidecar.wait_log('"tokens_out"')
+            lines = [json.loads(x) for x in logs.splitlines() if '"llm_sidecar.access"' in x]
+            deadline = time.monotonic() + 5
+            while len(lines) < 5 and time.monotonic() < deadline:  # (the log thread writes them)
+                time.sleep(0.05)
+                lines = [json.loads(x) for x in sidecar.logs().splitlines() if '"llm_sidecar.access"' in x]
+            assert sum(line["tokens_in"] for line in lines) == prompt
+            assert sum(line["tokens_out"] for line in lines) == completion
         assert m[("llm_sidecar_overhead_seconds_count", overhead)] == 5
         # the sidecar's own time is well under the streams' 5 × 20 ms of upstream pacing
         assert m[("llm_sidecar_overhead_seconds_sum", overhead)] < 0.2
