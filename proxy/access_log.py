@@ -353,8 +353,8 @@ def access_fields(entry: AccessEntry, stamp: str | None = None) -> dict[str, Any
         if tokens is not None:
             fields["tokens_in"], fields["tokens_out"] = tokens.prompt, tokens.completion
     if first_chunk >= 0:
-        fields["ttft_ms"] = round((first_chunk - started) * 1000, 3)
-    fields["duration_ms"] = round((end - started) * 1000, 3)
+        fields["ttft_ms"] = _ms(first_chunk - started)
+    fields["duration_ms"] = _ms(end - started)
     fields["attempts"] = ctx.attempt + 1
     cache = extra.get(CACHE_KEY)
     if cache is not None:
@@ -367,6 +367,11 @@ def access_fields(entry: AccessEntry, stamp: str | None = None) -> dict[str, Any
 
 
 _NO_EXTRA: Final[dict[str, Any]] = {}
+
+
+def _ms(seconds: float) -> float:
+    """Milliseconds to the µs (``round(x, 3)`` costs three times as much, once per line)."""
+    return int(seconds * 1e6 + 0.5) / 1000 if seconds >= 0 else -int(-seconds * 1e6 + 0.5) / 1000
 
 
 def access_text(fields: dict[str, Any]) -> str:

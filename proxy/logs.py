@@ -353,18 +353,23 @@ def configure_logging(
 class TimeStamps:
     """Time stamps for lines, the part down to the second made once per second."""
 
-    __slots__ = ("_iso", "_iso_s", "_local", "_local_s")
+    __slots__ = ("_iso", "_iso_ms", "_iso_s", "_iso_stamp", "_local", "_local_s")
 
     def __init__(self) -> None:
-        self._iso_s = self._local_s = -1
-        self._iso = self._local = ""
+        self._iso_s = self._local_s = self._iso_ms = -1
+        self._iso = self._local = self._iso_stamp = ""
 
     def iso(self, t: float) -> str:
-        """``2026-12-02T10:00:00.123Z`` (UTC)."""
-        s = int(t)
+        """``2026-12-02T10:00:00.123Z`` (UTC); lines of one millisecond share one string."""
+        ms = int(t * 1000)
+        if ms == self._iso_ms:
+            return self._iso_stamp
+        s = ms // 1000
         if s != self._iso_s:
             self._iso_s, self._iso = s, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(s))
-        return f"{self._iso}.{int((t - s) * 1000):03d}Z"
+        self._iso_ms = ms
+        self._iso_stamp = stamp = f"{self._iso}.{ms - s * 1000:03d}Z"
+        return stamp
 
     def local(self, t: float) -> str:
         """The text format's time, as ``logging.Formatter`` writes ``asctime`` (local time)."""
