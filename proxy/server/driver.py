@@ -99,11 +99,14 @@ class RequestDriver:
     ) -> Request:
         """A complete request. ``client_rid`` is the client's x-request-id header, if any; the
         forwarded headers carry the id this request is known by."""
-        rid = self.request_id(client_rid)
-        if client_rid is None:
+        if client_rid is None:  # (request_id, inlined for the common case)
+            self._rid_counter += 1
+            rid = b"%b%d" % (self._rid_prefix, self._rid_counter)
             headers.append((b"x-request-id", rid))
-        elif rid is not client_rid:
-            headers.set(b"x-request-id", rid)
+        else:
+            rid = self.request_id(client_rid)
+            if rid is not client_rid:
+                headers.set(b"x-request-id", rid)
         ctx = RequestContext(rid, peer, self.clock.now())
         ctx.body_in = body
         ctx.build = build = self.current
