@@ -37,7 +37,7 @@ from types import FrameType
 
 import uvloop
 
-from bench import h2, resilience
+from bench import h2, observability, resilience
 from bench.common import REPO_ROOT, BenchError, Settings, say
 from bench.cpu_rounds import measure_cpu_rounds
 from bench.procs import (
@@ -152,6 +152,11 @@ def measure_all(settings: Settings, tools: Tools, sections: list[str]) -> list[T
             say(f"  {result.name:8} ttfb p50 {statistics.median(ttfb_ms):.3f} ms")
         sections.append(section(measure_rate_limit(children, workdir, mock, tools, settings)))
         sections.append(resilience.section(measure_resilience(children, workdir, mock, tools, settings)))
+        sections.append(
+            observability.section(
+                observability.measure_observability(children, workdir, mock, tools, settings)
+            )
+        )
         sections.append(
             h2.section(h2.measure_h2(children, workdir, settings, tools.nginx, mock, targets[2]), settings)
         )

@@ -21,11 +21,12 @@ What else is counted, each where it is known:
   time it waited on upstreams (``ctx.upstream_s``, summed over attempts by the forwarder: from
   handing the request to a pool to the response head) and, for a streamed answer, less the time
   from the last head to the end (the upstream paces a stream);
-- per attempt that reached an upstream, from the one body tap (:mod:`proxy.access_log`, whose
-  entries :meth:`Metrics.outcome` reads on the loop): token usage (``gen_ai_client_token_usage``
-  by ``gen_ai_token_type``, from the answer's ``usage``), time to first token (streams: complete
-  request → first body chunk) and time per output token (streams: first chunk → end over the
-  output tokens after the first);
+- per answer of an upstream: token usage (``gen_ai_client_token_usage`` by ``gen_ai_token_type``,
+  from the answer's ``usage``): a whole answer's read in :meth:`Metrics.answered` (the driver
+  hands the tokens on to the access log, which does not read them again); a stream's at its end,
+  from the driver's body tap (:mod:`proxy.access_log`, whose entry :meth:`Metrics.outcome` reads
+  on the loop), with its time to first token (complete request → first body chunk) and time per
+  output token (first chunk → end over the output tokens after the first);
 - middleware counters (retries, budget refusals, rate-limit refusals, Redis failures): plain
   :class:`Counter` objects a middleware gets from its :class:`MetricsScope`
   (``BuildContext.metrics``), rendered with the rest.
