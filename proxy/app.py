@@ -22,7 +22,8 @@ from collections.abc import Coroutine, Mapping
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from proxy.access_log import USAGE_AT, AccessEntry, AccessLog, AccessSink, log_record_sink
+from proxy.access_format import USAGE_AT, AccessEntry, AccessSink, log_record_sink
+from proxy.access_log import AccessLog
 from proxy.chain import Handler, compose
 from proxy.clock import Clock, MonotonicClock
 from proxy.config import Config, RouteConfig, UpstreamConfig

@@ -32,7 +32,7 @@ from typing import IO, Any, Final
 
 import orjson
 
-from proxy.access_log import ACCESS_LOGGER, AccessEntry, access_fields, access_text
+from proxy.access_format import ACCESS_LOGGER, AccessEntry, access_fields, access_text
 from proxy.config import LogConfig
 
 QUEUE_SIZE: Final = 10_000  # lines waiting for the listener; beyond it lines are dropped

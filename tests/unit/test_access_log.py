@@ -10,13 +10,8 @@ from typing import cast
 import orjson
 import pytest
 
-from proxy.access_log import (
-    MAX_BODY_LOGGED,
-    AccessEntry,
-    AccessLog,
-    access_fields,
-    access_text,
-)
+from proxy.access_format import MAX_BODY_LOGGED, AccessEntry, access_fields, access_text
+from proxy.access_log import AccessLog
 from proxy.chain import Handler
 from proxy.clock import FakeClock
 from proxy.config import LogConfig

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from proxy.access_log import AccessEntry, log_record_sink
+from proxy.access_format import AccessEntry, log_record_sink
 from proxy.config import LogConfig
 from proxy.http import RequestContext
 from proxy.logs import LogHandle, LogQueue, configure_logging
